@@ -1,0 +1,29 @@
+"""ODE solvers, flow-map sampling and likelihood.
+
+``sample`` returns a tensor; ``integrate`` returns an ``IntegrationResult`` with the NFE and an
+optional trajectory; ``log_likelihood`` returns a ``LikelihoodResult``.
+"""
+
+from flowmatch.solvers.integrate import METHODS, IntegrationResult, integrate, sample
+from flowmatch.solvers.likelihood import (
+    LikelihoodResult,
+    bits_per_dim,
+    dequantize,
+    log_likelihood,
+)
+from flowmatch.solvers.steps import STEP_RULES, StepRule
+from flowmatch.solvers.time_grids import uniform_time_grid
+
+__all__ = [
+    "METHODS",
+    "STEP_RULES",
+    "IntegrationResult",
+    "LikelihoodResult",
+    "StepRule",
+    "bits_per_dim",
+    "dequantize",
+    "integrate",
+    "log_likelihood",
+    "sample",
+    "uniform_time_grid",
+]
