@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up .venv if needed, then train a flow on the 2-D checkerboard, sample it and evaluate it.
+# Everything lands in runs/checkerboard (config, checkpoints, loss curve, samples, metrics).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+RUN=${1:-runs/checkerboard}
+FM=.venv/bin/flowmatch
+"$FM" train --preset checkerboard --out "$RUN"
+"$FM" sample "$RUN" --n 4000 --solver rk4 --steps 16 --trajectories
+"$FM" eval "$RUN" --steps 1,2,4,8,16 --solver euler
+"$FM" eval "$RUN" --solver dopri5
+echo "Done: see $RUN (samples.png, trajectories.png, loss.png, eval-*.json)"

@@ -1,0 +1,1 @@
+"""The ``flowmatch`` command line (``flowmatch.cli.main:main``)."""

@@ -1,0 +1,185 @@
+"""The ``flowmatch`` command: train, sample, eval, export, presets and data.
+
+Every bad input (an unknown preset or config key, a value of the wrong type, a missing data file,
+a corrupt or foreign checkpoint) ends in one line on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from flowmatch.presets import PRESETS, RunConfig
+from flowmatch.training.checkpoint import CheckpointError
+from flowmatch.training.config import ConfigError
+from flowmatch.training.loop import TrainingDiverged
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line with exit status 2."""
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,...; got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
+    return steps
+
+
+def _config_keys_help() -> str:
+    defaults = RunConfig()
+    lines = []
+    for section in fields(RunConfig):
+        keys = ", ".join(f.name for f in fields(getattr(defaults, section.name)))
+        lines.append(f"  {section.name}.{{{keys}}}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowmatch",
+        description="Train, sample, distill and evaluate flow-matching and flow-map models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    solvers = ["euler", "midpoint", "heun", "rk4", "dopri5", "flow_map"]
+
+    train = commands.add_parser(
+        "train",
+        help="train a model from a preset with key=value overrides",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (key=value; a section name alone sets its name, e.g. objective=lsd):\n"
+        + _config_keys_help(),
+    )
+    train.add_argument("--preset", required=True, help="a preset name (see `flowmatch presets`)")
+    train.add_argument("--out", type=Path, help="run folder (default: runs/PRESET)")
+    train.add_argument("--max-steps", type=int, help="train this many steps (train.steps)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    sample = commands.add_parser("sample", help="draw samples from a trained run")
+    sample.add_argument("run_dir", type=Path)
+    sample.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    sample.add_argument(
+        "--solver",
+        choices=solvers,
+        help="default: the flow map for flow-map runs, else eval.solver",
+    )
+    sample.add_argument("--steps", type=int, help="steps of a fixed-step solver or flow map")
+    sample.add_argument("--out", type=Path, help="output .npz (default: RUN_DIR/samples.npz)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the source draws")
+    sample.add_argument("--trajectories", action="store_true", help="also draw the paths (2-D)")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+
+    evaluate = commands.add_parser("eval", help="measure a trained run")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--solver", choices=solvers, help="default as for sample")
+    evaluate.add_argument(
+        "--steps", type=_steps_list, help="N or N,N,...: a quality-versus-steps table"
+    )
+    evaluate.add_argument("--n", type=int, help="samples per metric (default: eval.samples)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--no-nll", action="store_true", help="skip the likelihood")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    export = commands.add_parser("export", help="write safetensors weights and config JSON")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/export)")
+
+    commands.add_parser("presets", help="list the presets")
+    return parser
+
+
+def cmd_presets(_: argparse.Namespace) -> None:
+    width = max(map(len, PRESETS))
+    for name, preset in PRESETS.items():
+        print(f"{name:<{width}}  {preset.description}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from flowmatch.cli.train import train_command
+
+    train_command(args)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from flowmatch import plotting
+    from flowmatch.evaluation import generate
+    from flowmatch.runs import load_run
+
+    run = load_run(args.run_dir)
+    result = generate(
+        run,
+        args.n,
+        method=args.solver,
+        steps=args.steps,
+        seed=args.seed,
+        guidance=args.guidance,
+        return_trajectory=args.trajectories,
+    )
+    out = args.out or run.run_dir / "samples.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"samples": result.x.numpy(), "time_grid": result.time_grid.numpy()}
+    if result.trajectory is not None:
+        arrays["trajectory"] = result.trajectory.numpy()
+    np.savez(out, **arrays)
+    picture = out.with_suffix(".png")
+    if run.spec.shape == (2,):
+        plotting.plot_samples_2d(result.x, picture, title=f"{run.run_dir.name} ({result.nfe} NFE)")
+        if result.trajectory is not None:
+            plotting.plot_trajectories_2d(result.trajectory, out.with_name("trajectories.png"))
+    elif len(run.spec.shape) == 3:
+        plotting.save_image_grid(result.x[:64], picture, nrow=8)
+    print(f"wrote {out} and {picture} ({args.n} samples, {result.nfe} NFE)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from flowmatch.cli.evaluate import eval_command
+
+    eval_command(args)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from flowmatch.runs import export_run
+
+    weights = export_run(args.run_dir, args.out or args.run_dir / "export")
+    print(f"wrote {weights} and its config.json")
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "presets": cmd_presets,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (
+        ConfigError,
+        CheckpointError,
+        UsageError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"flowmatch {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as error:
+        print(f"flowmatch {args.command}: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,173 @@
+"""Couplings of a training batch: which source sample ``x0`` is paired with which data ``x1``.
+
+A coupling is ``coupling(x0, x1, generator=None) -> x0[perm]``: it reorders ``x0`` only, so
+``x1`` and anything aligned with it (labels) keep their order, and every ``x0`` is used exactly
+once. The cost of a pairing is the squared Euclidean distance of the flattened samples; any
+trailing shape ``[B, *dims]`` works.
+
+- :class:`IndependentCoupling`: keep the independent draw (plain flow matching).
+- :class:`ExactOTCoupling`: the minibatch optimal-transport permutation (Tong et al. 2023,
+  Pooladian et al. 2023), solved exactly by :func:`ot_permutation`.
+- :class:`SinkhornCoupling`: entropic OT by log-domain Sinkhorn on the batch's device, rounded to a
+  permutation.
+
+The exact solver is ``scipy.optimize.linear_sum_assignment`` on the CPU. At batch 512 on one
+core it took 13.4 ms (2-D) and 16.2 ms (784-D) against 18.1 ms and 24.1 ms for POT's network
+simplex ``ot.emd`` (1.2-1.7x slower over repeated runs, same optimal cost); both are exact, so the
+faster one, already a dependency, is used. Building the cost matrix (``torch.cdist`` on the
+inputs' device and dtype, 0.1-4 ms) and moving it to the host (0.1 ms) are small beside the
+solve, which costs one host sync per batch. Couplings are not differentiated through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from flowmatch.shapes import check_same_shape
+
+
+def squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
+    """Cost matrix ``C[i, j] = |x0_i - x1_j|^2`` of flattened samples: ``[B0, B1]``."""
+    if x0.dim() == 0 or x1.dim() == 0 or x0.shape[1:] != x1.shape[1:]:
+        raise ValueError(
+            f"x0 and x1 must be batches of samples of the same shape, got {list(x0.shape)} "
+            f"and {list(x1.shape)}"
+        )
+    return torch.cdist(x0.reshape(x0.shape[0], -1), x1.reshape(x1.shape[0], -1)).square()
+
+
+def _logsumexp(z: Tensor, dim: int) -> Tensor:
+    """``log sum exp z`` along ``dim``, with terms below ``e^-80`` of the largest raised to it.
+
+    This keeps ``exp`` out of the subnormal range, which is ~30x slower on CPUs and which small
+    Sinkhorn ``epsilon`` reaches for most entries; each raised term adds at most ``e^-80``
+    relative to the sum.
+    """
+    top = z.amax(dim, keepdim=True)
+    return ((z - top).clamp_min(-80.0).exp().sum(dim, keepdim=True).log() + top).squeeze(dim)
+
+
+def _check_batch(x0: Tensor, x1: Tensor) -> None:
+    check_same_shape(x0, x1, "x0", "x1")
+    if x0.dim() < 2:
+        raise ValueError(f"x0 and x1 must be [batch, *dims], got {list(x0.shape)}")
+
+
+def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
+    """The permutation ``perm: [B]`` minimising ``sum_i |x0[perm[i]] - x1[i]|^2`` (exact).
+
+    Solves the assignment problem on the squared-distance matrix (built in the inputs' dtype,
+    solved in float64) with ``scipy.optimize.linear_sum_assignment``; returns a LongTensor on
+    ``x0``'s device.
+    """
+    _check_batch(x0, x1)
+    with torch.no_grad():
+        cost = squared_distances(x1, x0).to("cpu", torch.float64).numpy()  # rows x1, columns x0
+    _, columns = linear_sum_assignment(cost)
+    return torch.as_tensor(columns, dtype=torch.long).to(x0.device)
+
+
+@dataclass(frozen=True)
+class IndependentCoupling:
+    """The independent coupling ``x0 ~ source`` independent of ``x1``: returns ``x0`` as it is."""
+
+    def __call__(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_batch(x0, x1)
+        return x0
+
+
+@dataclass(frozen=True)
+class ExactOTCoupling:
+    """Minibatch exact optimal transport: ``x0[ot_permutation(x0, x1)]``."""
+
+    def __call__(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return x0[ot_permutation(x0, x1)]
+
+
+@dataclass(frozen=True)
+class SinkhornCoupling:
+    """Entropic minibatch OT by log-domain Sinkhorn, rounded to a permutation.
+
+    The plan ``P = diag(u) exp(-C / (epsilon mean(C))) diag(v)`` with uniform marginals is found by
+    ``iterations`` log-domain Sinkhorn updates on the inputs' device; ``epsilon`` is relative to
+    the mean pairwise cost, so one value serves any dimension and data scale. Small ``epsilon``
+    approaches the exact OT pairing (and needs more iterations to converge), large ``epsilon`` the
+    independent one. On a CPU, 100 iterations at batch 512 cost several exact solves; the point
+    is an accelerator, where the plan never leaves the device.
+
+    Rounding (a true permutation, no host sync): parallel greedy matching on ``P``. In each of
+    ``rounding_rounds`` rounds, every unmatched ``x1`` proposes its most likely unmatched ``x0``;
+    each proposed ``x0`` accepts the proposal with the largest plan entry (ties to the lowest
+    index), so at least one pair is fixed per round and no ``x0`` is used twice. ``x1`` still
+    unmatched after the last round take the remaining ``x0`` in index order (at batch 512, 16
+    rounds paired as well as 512 did, in 2-D and 784-D, for epsilon from 0.002 to 0.2).
+    """
+
+    epsilon: float = 0.05
+    iterations: int = 100
+    rounding_rounds: int = 16
+
+    def __post_init__(self) -> None:
+        if self.epsilon <= 0 or self.iterations < 1 or self.rounding_rounds < 0:
+            raise ValueError("need epsilon > 0, iterations >= 1 and rounding_rounds >= 0")
+
+    def log_plan(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """``log P[i, j]`` between ``x1_i`` (rows) and ``x0_j`` (columns), marginals ``1/B``."""
+        _check_batch(x0, x1)
+        cost = squared_distances(x1.detach(), x0.detach())
+        log_kernel = -cost / (self.epsilon * cost.mean().clamp_min(torch.finfo(cost.dtype).tiny))
+        n = cost.shape[0]
+        log_marginal = -math.log(n)
+        log_u = torch.zeros(n, device=cost.device, dtype=cost.dtype)
+        log_v = torch.zeros_like(log_u)
+        for _ in range(self.iterations):
+            log_u = log_marginal - _logsumexp(log_kernel + log_v[None, :], dim=1)
+            log_v = log_marginal - _logsumexp(log_kernel + log_u[:, None], dim=0)
+        return log_u[:, None] + log_kernel + log_v[None, :]
+
+    def permutation(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """``perm: [B]`` pairing ``x1[i]`` with ``x0[perm[i]]``, rounded from the Sinkhorn plan."""
+        return round_to_permutation(self.log_plan(x0, x1), self.rounding_rounds)
+
+    def __call__(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return x0[self.permutation(x0, x1)]
+
+
+def round_to_permutation(score: Tensor, rounds: int) -> Tensor:
+    """Parallel greedy rounding of ``score: [n, n]`` (rows choose columns) to ``perm: [n]``.
+
+    See :class:`SinkhornCoupling`. Runs a fixed number of rounds, so it never syncs with the host.
+    """
+    n = score.shape[0]
+    if score.shape != (n, n):
+        raise ValueError(f"score must be square, got {list(score.shape)}")
+    device = score.device
+    index = torch.arange(n, device=device)
+    perm = torch.full((n,), -1, dtype=torch.long, device=device)
+    column_free = torch.ones(n, dtype=torch.bool, device=device)
+    for _ in range(rounds):
+        row_free = perm < 0
+        masked = score.masked_fill(~column_free[None, :], -torch.inf)
+        value, choice = masked.max(dim=1)
+        value = value.masked_fill(~row_free, -torch.inf)
+        # For each column, the best proposal value, then the lowest row index reaching it.
+        best = torch.full((n,), -torch.inf, device=device, dtype=score.dtype)
+        best = best.scatter_reduce(0, choice, value, reduce="amax")
+        reaches = row_free & (value == best[choice]) & (value > -torch.inf)
+        candidate = torch.where(reaches, index, n)
+        winner = torch.full((n,), n, dtype=torch.long, device=device)
+        winner = winner.scatter_reduce(0, choice, candidate, reduce="amin")
+        accepted = reaches & (winner[choice] == index)
+        perm = torch.where(accepted, choice, perm)
+        taken = torch.zeros(n, dtype=torch.long, device=device)
+        column_free = column_free & (taken.scatter_add(0, choice, accepted.long()) == 0)
+    # Pair the remaining rows and columns in index order (k-th free row gets k-th free column).
+    row_free = perm < 0
+    free_columns = torch.sort(torch.where(column_free, index, n)).values
+    rank = torch.cumsum(row_free.long(), 0) - 1
+    return torch.where(row_free, free_columns[rank.clamp_min(0)], perm)

@@ -1,0 +1,257 @@
+"""Flow-map losses: distillation from a teacher velocity, self-distillation and MeanFlow.
+
+This module owns the per-sample residual losses for a two-time flow map
+``X_{s,t}(x) = x + (t - s) v_{s,t}(x)`` (``reference/methods.md`` 2-4 and 5.1), the time
+derivatives they need (one ``torch.func.jvp`` each) and the learned two-time loss weight.
+
+A flow map is ``flow_map(x, s, t, **model_kwargs)`` with ``flow_map.slope(x, s, t)`` = ``v_{s,t}``
+and ``flow_map.velocity(x, t)`` = ``v_{t,t}``; a teacher is a velocity ``teacher(x, t, **kw)``.
+Every loss takes points ``x_s = I_s`` of the interpolant and times ``s, t: [B]`` drawn by the
+caller, draws no randomness, and returns ``[B]``, the squared residual averaged over the non-batch
+dimensions. Targets marked ``sg`` are computed under ``torch.no_grad`` (methods.md 3.2, 4.2): no
+gradient reaches a teacher's parameters or its input point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowmatch.nets.embeddings import SinusoidalTimeEmbedding
+from flowmatch.shapes import broadcast_time
+
+Field = Callable[..., Tensor]
+
+
+def _mean_square(residual: Tensor) -> Tensor:
+    """``mean over non-batch dims of residual^2``: ``[B]``."""
+    return residual.pow(2).flatten(1).mean(1)
+
+
+@dataclass
+class Derivative:
+    """``value = f(x, s, t)`` and its derivative along a tangent ``(dx, ds, dt)``: ``[B, ...]``."""
+
+    value: Tensor
+    derivative: Tensor
+
+
+def directional_derivative(
+    fn: Field,
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    *,
+    dx: Tensor | None = None,
+    ds: Tensor | None = None,
+    dt: Tensor | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Derivative:
+    """``f(x, s, t)`` and ``d/de f(x + e dx, s + e ds, t + e dt)`` at ``e = 0`` in one JVP.
+
+    Only the arguments given a tangent are differentiated (the others are constants, which is
+    cheaper than zero tangents). Gradients flow through both outputs to ``fn``'s parameters.
+    Examples: ``dt = 1`` gives ``d_t X_{s,t}``; ``dx = b, ds = 1`` gives ``(d_s + b . grad) f``.
+    """
+    kw = model_kwargs or {}
+    primals = {"x": x, "s": s, "t": t}
+    tangents = {name: v for name, v in (("x", dx), ("s", ds), ("t", dt)) if v is not None}
+    if not tangents:
+        raise ValueError("give at least one of dx, ds, dt")
+    names = tuple(tangents)
+
+    def restricted(*args: Tensor) -> Tensor:
+        a = {**primals, **dict(zip(names, args, strict=True))}
+        return fn(a["x"], a["s"], a["t"], **kw)
+
+    value, derivative = torch.func.jvp(
+        restricted, tuple(primals[n] for n in names), tuple(tangents[n] for n in names)
+    )
+    return Derivative(value=value, derivative=derivative)
+
+
+def lagrangian_map_distillation_loss(
+    flow_map: Field,
+    teacher: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """LMD, semigradient (Boffi et al. 2024, Cor. 3.7; methods.md 3.2 item 1).
+
+    ``r = d_t X_{s,t}(x_s) - b_t(sg X_{s,t}(x_s))``: the teacher runs at the transported point and
+    the end time ``t``, on a detached input and without gradient. Zero iff ``X`` is ``b``'s flow.
+    """
+    kw = model_kwargs or {}
+    lagrangian = directional_derivative(flow_map, x_s, s, t, dt=torch.ones_like(t), model_kwargs=kw)
+    with torch.no_grad():
+        target = teacher(lagrangian.value.detach(), t, **kw)
+    return _mean_square(lagrangian.derivative - target)
+
+
+def eulerian_map_distillation_loss(
+    flow_map: Field,
+    teacher: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """EMD, semigradient (Boffi et al. 2024; methods.md 3.2 item 2).
+
+    ``r = d_s X_{s,t}(x_s) + sg(grad_x X_{s,t}(x_s) b_s(x_s))``: the teacher runs at the start point
+    and time ``s``; the gradient flows through ``d_s X`` only (two JVPs, the second without graph).
+    """
+    kw = model_kwargs or {}
+    d_s = directional_derivative(flow_map, x_s, s, t, ds=torch.ones_like(s), model_kwargs=kw)
+    with torch.no_grad():
+        b = teacher(x_s, s, **kw)
+        transport = directional_derivative(flow_map, x_s, s, t, dx=b, model_kwargs=kw)
+    return _mean_square(d_s.derivative + transport.derivative)
+
+
+def progressive_map_distillation_loss(
+    flow_map: Field,
+    teacher_map: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """PFMM with K = 2 teacher jumps (methods.md 3.2 item 4).
+
+    ``r = X_{s,t}(x_s) - sg(Xt_{u,t}(Xt_{s,u}(x_s)))``, ``u = (s + t) / 2``, with ``Xt`` a frozen
+    teacher flow map valid for ``|t - s| / 2`` (initially one Euler step of a teacher velocity).
+    """
+    kw = model_kwargs or {}
+    with torch.no_grad():
+        u = 0.5 * (s + t)
+        target = teacher_map(teacher_map(x_s, s, u, **kw), u, t, **kw)
+    return _mean_square(flow_map(x_s, s, t, **kw) - target)
+
+
+def lagrangian_self_distillation_loss(
+    flow_map: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """LSD (Boffi et al. 2025, Prop. 2.3 and eq. 94; methods.md 4.2).
+
+    ``r = d_t X_{s,t}(x_s) - sg(v_{t,t}(sg X_{s,t}(x_s)))``: LMD whose teacher is the map's own
+    diagonal ``v_{t,t}`` at the current parameters.
+    """
+    return lagrangian_map_distillation_loss(flow_map, flow_map.velocity, x_s, s, t, model_kwargs)
+
+
+def eulerian_self_distillation_loss(
+    flow_map: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """ESD (Boffi et al. 2025; methods.md 4.2).
+
+    ``r = d_s X_{s,t}(x_s) + sg(grad_x X_{s,t}(x_s) v_{s,s}(x_s))``: EMD whose teacher is the map's
+    own diagonal.
+    """
+    return eulerian_map_distillation_loss(flow_map, flow_map.velocity, x_s, s, t, model_kwargs)
+
+
+def progressive_self_distillation_loss(
+    flow_map: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    gamma: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """PSD, preconditioned slope residual (Boffi et al. 2025, Alg. 4; methods.md 4.2).
+
+    ``u = gamma s + (1 - gamma) t``; ``r = v_{s,t}(x_s) - sg((1 - gamma) v_{s,u}(x_s)
+    + gamma v_{u,t}(X_{s,u}(x_s)))``: the semigroup ``X_{s,t} = X_{u,t} o X_{s,u}`` divided by
+    ``t - s``. ``gamma: [B]`` is 1/2 for PSD-M and ``U[0, 1]`` for PSD-U.
+    """
+    kw = model_kwargs or {}
+    u = gamma * s + (1.0 - gamma) * t
+    g = broadcast_time(gamma, x_s)
+    with torch.no_grad():
+        v_su = flow_map.slope(x_s, s, u, **kw)
+        x_u = x_s + broadcast_time(u - s, x_s) * v_su
+        target = (1.0 - g) * v_su + g * flow_map.slope(x_u, u, t, **kw)
+    return _mean_square(flow_map.slope(x_s, s, t, **kw) - target)
+
+
+def diagonal_flow_matching_loss(
+    flow_map: Field,
+    x_t: Tensor,
+    t: Tensor,
+    target_velocity: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """``L_b`` on the diagonal (methods.md 4.1): ``r = v_{t,t}(I_t) - dI_t/dt``, flow matching."""
+    kw = model_kwargs or {}
+    return _mean_square(flow_map.velocity(x_t, t, **kw) - target_velocity)
+
+
+def adaptive_weight(squared_error: Tensor, power: float = 1.0, eps: float = 1e-3) -> Tensor:
+    """MeanFlow's weight ``sg(1 / (squared_error + eps)^power)`` (Geng et al. 2025): ``[B]``."""
+    return (squared_error.detach() + eps).pow(-power)
+
+
+def meanflow_loss(
+    flow_map: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    velocity: Tensor,
+    power: float = 1.0,
+    eps: float = 1e-3,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """MeanFlow (Geng et al. 2025; methods.md 5.1) written in flowmatch time (t = 0 noise).
+
+    Along a trajectory, ``(t - s) v_{s,t}(x_s) = x_t - x_s``; differentiating in ``s`` gives the
+    identity ``v_{s,t}(x_s) = b_s(x_s) + (t - s) d/ds v_{s,t}(x_s)``, ``d/ds = d_s + b_s . grad_x``
+    (MeanFlow's ``u = v - (t - r) du/dt`` under ``u(z, r, t) = -v_{1-t, 1-r}(z)``). Training uses
+    the conditional velocity ``velocity = dI_s/ds`` for ``b_s`` (the target is affine in it):
+    ``D = sg(v_{s,t} - velocity - (t - s) jvp(v, (x, s, t), (velocity, 1, 0)))``, loss
+    ``adaptive_weight(|D|^2) |D|^2`` with ``|D|^2`` averaged over dimensions (the paper sums).
+    """
+    mean_flow = directional_derivative(
+        flow_map.slope, x_s, s, t, dx=velocity, ds=torch.ones_like(s), model_kwargs=model_kwargs
+    )
+    target = velocity + broadcast_time(t - s, x_s) * mean_flow.derivative.detach()
+    squared_error = _mean_square(mean_flow.value - target)
+    return adaptive_weight(squared_error, power, eps) * squared_error
+
+
+class LearnedLossWeight(nn.Module):
+    """Learned two-time log-variance weight ``w_{s,t}`` (Boffi et al. 2025, 4.3; EDM2 style).
+
+    ``w = MLP([emb(s), emb(t - s)])`` with sinusoidal embeddings; ``weigh`` returns
+    ``exp(-w) L + w``, minimised at ``w = log L``. The output layer starts at zero (``w = 0``).
+    """
+
+    def __init__(self, embed_dim: int = 32, hidden: int = 64, time_scale: float = 100.0) -> None:
+        super().__init__()
+        self.embed = SinusoidalTimeEmbedding(embed_dim, scale=time_scale)
+        self.net = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, s: Tensor, t: Tensor) -> Tensor:
+        """``w_{s,t}: [B]``."""
+        return self.net(self.embed(torch.stack([s, t - s], dim=-1))).squeeze(-1)
+
+    def weigh(self, loss: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        """``exp(-w_{s,t}) loss + w_{s,t}``: ``[B]``."""
+        w = self.forward(s, t)
+        return torch.exp(-w) * loss + w

@@ -1,0 +1,61 @@
+"""Embeddings of the conditioning inputs: sinusoidal features of time and learned class labels.
+
+``SinusoidalTimeEmbedding`` is the positional embedding of ADM / the Flow Matching paper,
+``[cos(a * f_0 t), ..., cos(a * f_{h-1} t), sin(a * f_0 t), ..., sin(a * f_{h-1} t)]`` with
+``f_k = max_period^(-k / h)``, ``h = dim / 2``. ADM feeds integer steps ``0..999``; here ``t`` lives
+in ``[0, 1]`` and the documented ``scale a = 1000`` spreads it the same way. ``LabelEmbedding``
+adds one learned row, index ``num_classes``, for the null label of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """Sinusoidal features of time: ``t: [B] -> [B, dim]``, or ``t: [B, k] -> [B, k * dim]``.
+
+    ``cos(x) = sin(x + pi / 2)``, so the features are one fused ``sin(phase + t * freqs)`` over a
+    frequency buffer built once; the forward pass has no host sync and is differentiable in
+    ``t`` to any order (forward- and reverse-mode).
+    """
+
+    freqs: Tensor
+    phase: Tensor
+
+    def __init__(self, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> None:
+        super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"dim must be even and >= 2, got {dim}")
+        self.dim = dim
+        self.scale = scale
+        self.max_period = max_period
+        half = dim // 2
+        k = torch.arange(half, dtype=torch.float64)
+        freqs = scale * torch.exp(-math.log(max_period) * k / half)
+        phase = torch.cat([torch.full((half,), math.pi / 2), torch.zeros(half)])
+        dtype = torch.get_default_dtype()
+        # Derived constants in the default dtype (`.double()` keeps their float32 values), not
+        # weights: kept out of the state_dict.
+        self.register_buffer("freqs", torch.cat([freqs, freqs]).to(dtype), persistent=False)
+        self.register_buffer("phase", phase.to(dtype), persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return torch.sin(torch.addcmul(self.phase, t.unsqueeze(-1), self.freqs)).flatten(1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scale={self.scale}, max_period={self.max_period}"
+
+
+class LabelEmbedding(nn.Embedding):
+    """Learned class embedding ``y: [B] -> [B, dim]`` with ``num_classes + 1`` rows.
+
+    Row ``null_label = num_classes`` is the learned "no label" of classifier-free guidance.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__(num_classes + 1, dim)
+        self.null_label = num_classes

@@ -1,0 +1,240 @@
+"""Checkpoints: one safetensors file per step, written atomically, read back without unpickling.
+
+A checkpoint ``checkpoints/ckpt-000100.safetensors`` holds the tensors of the model, the EMA, the
+optimizer state and the objective under the prefixes ``model/``, ``ema/``, ``optimizer/`` and
+``objective/``. Everything else (step, config, optimizer hyper-parameters, the objective's
+non-tensor state) is JSON in the safetensors metadata, next to a CRC-32 of the JSON and of every
+tensor's bytes, so that a corrupt file is refused rather than silently loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import Tensor
+
+FORMAT = "flowmatch.checkpoint/1"
+_NAME = re.compile(r"ckpt-(\d+)\.safetensors")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is unreadable, corrupt, foreign or written for another config (one line)."""
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run after ``step`` optimiser steps; ``config`` is the run's config dict."""
+
+    step: int
+    config: dict[str, Any]
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    optimizer: dict[str, Any]  # a torch optimizer state_dict
+    objective: dict[str, Any]  # the objective's state_dict: tensors, numbers, strings
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"ckpt-{step:06d}.safetensors"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """The checkpoints in ``directory``, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of the highest step in ``run_dir/checkpoints``, or None."""
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: str | Path, keep: int | None) -> None:
+    """Delete all but the ``keep`` newest checkpoints (all are kept if ``keep`` is None)."""
+    if keep is not None:
+        for path in list_checkpoints(directory)[:-keep]:
+            path.unlink()
+
+
+def remove_temporaries(directory: str | Path) -> None:
+    """Delete the temporary files an interrupted atomic write left behind."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in directory.glob(".*.tmp-*"):
+            path.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either its old content or all of ``data``.
+
+    A temporary file in the same directory is flushed and fsynced, renamed over ``path``
+    (atomic on POSIX), and the directory is fsynced so that the rename itself survives a crash.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically."""
+    tensors: dict[str, Tensor] = {}
+    for prefix, state in (("model", checkpoint.model), ("ema", checkpoint.ema)):
+        tensors.update({f"{prefix}/{k}": v for k, v in state.items()})
+    optimizer_scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in checkpoint.optimizer["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer/{index}/{name}"] = value
+            else:
+                optimizer_scalars.setdefault(str(index), {})[name] = value
+    objective_scalars = {}
+    for name, value in checkpoint.objective.items():
+        if isinstance(value, Tensor):
+            tensors[f"objective/{name}"] = value
+        else:
+            objective_scalars[name] = value
+    # safetensors wants contiguous CPU tensors that share no memory (tied weights would).
+    tensors = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()
+    }
+    try:
+        state = json.dumps(
+            {
+                "step": checkpoint.step,
+                "config": checkpoint.config,
+                "optimizer": {
+                    "param_groups": checkpoint.optimizer["param_groups"],
+                    "scalars": optimizer_scalars,
+                },
+                "objective": objective_scalars,
+            }
+        )
+    except TypeError as error:
+        raise TypeError(f"checkpoint state must be tensors, numbers or strings: {error}") from None
+    metadata = {"format": FORMAT, "state": state, "crc32": str(_crc32(state, tensors))}
+    atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def load_checkpoint(
+    path: str | Path,
+    expected_config: dict[str, Any] | None = None,
+    may_differ: tuple[str, ...] = (),
+) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU.
+
+    If ``expected_config`` is given, the checkpoint's config must equal it except for the dotted
+    keys in ``may_differ``. Raises ``CheckpointError`` if the file is unreadable, truncated,
+    corrupt, not a flowmatch checkpoint, or written with another config.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    try:
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{path} is not a flowmatch checkpoint") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a flowmatch checkpoint ({FORMAT})")
+    try:
+        tensors = safetensors.torch.load(data)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is truncated or corrupt: {error}") from None
+    if metadata.get("crc32") != str(_crc32(metadata.get("state", ""), tensors)):
+        raise CheckpointError(f"{path} is corrupt: checksum mismatch")
+    try:
+        checkpoint = _unflatten(json.loads(metadata["state"]), tensors)
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} is malformed: {error!r}") from None
+    if expected_config is not None:
+        differences = config_differences(checkpoint.config, expected_config, may_differ)
+        if differences:
+            raise CheckpointError(
+                f"{path} was written with another config: {'; '.join(differences)}"
+            )
+    return checkpoint
+
+
+def _unflatten(state: dict[str, Any], tensors: dict[str, Tensor]) -> Checkpoint:
+    """Rebuild the state dicts from the tensors' prefixed names and the JSON state."""
+    groups: dict[str, dict[str, Tensor]] = {
+        "model": {},
+        "ema": {},
+        "optimizer": {},
+        "objective": {},
+    }
+    for key, value in tensors.items():
+        prefix, _, name = key.partition("/")
+        groups[prefix][name] = value
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for key, value in groups["optimizer"].items():
+        index, _, name = key.partition("/")
+        optimizer_state.setdefault(int(index), {})[name] = value
+    for index, scalars in state["optimizer"]["scalars"].items():
+        optimizer_state.setdefault(int(index), {}).update(scalars)
+    param_groups = state["optimizer"]["param_groups"]
+    for group in param_groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return Checkpoint(
+        step=int(state["step"]),
+        config=state["config"],
+        model=groups["model"],
+        ema=groups["ema"],
+        optimizer={"state": optimizer_state, "param_groups": param_groups},
+        objective={**groups["objective"], **state["objective"]},
+    )
+
+
+def config_differences(
+    stored: dict[str, Any], current: dict[str, Any], may_differ: tuple[str, ...] = ()
+) -> list[str]:
+    """``"key: stored != current"`` for each dotted key whose values differ."""
+    a, b = _flatten(stored), _flatten(current)
+    return [
+        f"{key}: {a.get(key, '<missing>')!r} != {b.get(key, '<missing>')!r}"
+        for key in sorted(a.keys() | b.keys())
+        if key not in may_differ and a.get(key, ...) != b.get(key, ...)
+    ]
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _crc32(state: str, tensors: dict[str, Tensor]) -> int:
+    crc = zlib.crc32(state.encode())
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        crc = zlib.crc32(key.encode(), crc)
+        crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc

@@ -1,0 +1,277 @@
+"""Training configuration: ``TrainConfig`` and generic machinery for config dataclasses.
+
+The machinery works on any (nested) dataclass whose fields are ``bool``, ``int``, ``float``,
+``str``, ``Literal[...]``, ``tuple[...]``, ``X | None`` or another dataclass, so a command line can
+compose a top-level config of data / model / objective / train sections:
+
+- ``apply_overrides(config, ["lr=1e-3", "model.hidden=128"])`` parses ``key=value`` strings
+  against the field types and returns a new config;
+- ``config_to_dict`` / ``config_from_dict`` convert to and from JSON-ready dicts.
+
+Wrong keys, types or values raise ``ConfigError`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Literal, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is invalid (the message is one line)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the training loop needs to know, none of it about the model or the objective.
+
+    ``batch_size`` is global: each step draws ``batch_size / micro_batch_size`` micro-batches,
+    spread over the processes, and accumulates their gradients.
+    """
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 256
+    micro_batch_size: int | None = None  # None: one micro-batch of batch_size per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "poly"] = "constant"
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + k) / (10 + k)) at step k
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int | None = 3  # None: keep all
+    val_every: int | None = None
+    device: str = "auto"  # auto: the local CUDA device if there is one, else cpu
+    num_threads: int | None = None  # torch.set_num_threads; None: leave torch's default
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "log_every", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "keep_checkpoints", "val_every", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or None, got {value}")
+        if self.batch_size % self.micro_size != 0:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_size}"
+            )
+        if not self.lr > 0 or self.weight_decay < 0 or not self.eps > 0:
+            raise ConfigError("lr and eps must be > 0 and weight_decay >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"warmup_steps must lie in [0, steps], got {self.warmup_steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+
+    @property
+    def micro_size(self) -> int:
+        """The micro-batch size actually used."""
+        return self.micro_batch_size or self.batch_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step, over all processes."""
+        return self.batch_size // self.micro_size
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+
+    def plain(value: Any) -> Any:
+        if is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build ``cls`` from a dict such as ``config_to_dict`` returns; missing keys take defaults.
+
+    Unknown keys and values of the wrong type raise ``ConfigError``.
+    """
+    return _from_dict(cls, data, prefix="")
+
+
+def apply_overrides(config: C, overrides: list[str]) -> C:
+    """A copy of ``config`` with each ``"dotted.key=value"`` applied, parsed by the field's type.
+
+    Tuples are written ``0.9,0.999``; ``none`` sets an optional field to None.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        config = _override(config, key.strip().split("."), text.strip(), prefix="")
+    return config
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+
+def _unknown(key: str, prefix: str, valid: dict[str, Any]) -> ConfigError:
+    where = f" in {prefix.rstrip('.')}" if prefix else ""
+    return ConfigError(f"unknown key {prefix + key!r}; valid keys{where}: {', '.join(valid)}")
+
+
+def _override(config: Any, path: list[str], text: str, prefix: str) -> Any:
+    types_ = _field_types(type(config))
+    head = path[0]
+    if head not in types_:
+        raise _unknown(head, prefix, types_)
+    kind = types_[head]
+    name = prefix + head
+    if is_dataclass(kind):
+        if len(path) == 1:
+            raise ConfigError(f"{name} is a section; set one of its keys as {name}.<key>=value")
+        value = _override(getattr(config, head), path[1:], text, prefix=name + ".")
+    elif len(path) > 1:
+        raise ConfigError(f"{name} is not a section; cannot set {'.'.join([name, *path[1:]])}")
+    else:
+        value = _parse(text, kind, name)
+    return _replace(config, prefix, **{head: value})
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in types_:
+            raise _unknown(key, prefix, types_)
+        kind = types_[key]
+        if is_dataclass(kind):
+            values[key] = _from_dict(kind, value, prefix + key + ".")
+        else:
+            values[key] = _coerce(value, kind, prefix + key)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{prefix}{error}" if prefix else str(error)) from None
+
+
+def _replace(config: Any, prefix: str, **changes: Any) -> Any:
+    try:
+        return dataclasses.replace(config, **changes)
+    except ConfigError as error:
+        raise ConfigError(f"{prefix}{error}" if prefix else str(error)) from None
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(kind)))
+    return str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__
+
+
+def _bad(name: str, kind: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{name} must be {_describe(kind)}, got {value!r}")
+
+
+def _parse(text: str, kind: Any, name: str) -> Any:
+    """The value of type ``kind`` written as ``text`` on a command line."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        try:
+            return _parse(text, inner, name)
+        except ConfigError:
+            raise _bad(name, kind, text) from None
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        raise _bad(name, kind, text)
+    if origin is tuple:
+        parts = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()]
+        item_types = _item_types(kind, len(parts), name)
+        try:
+            return tuple(_parse(p, k, name) for p, k in zip(parts, item_types, strict=True))
+        except ConfigError:
+            raise _bad(name, kind, text) from None
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise _bad(name, kind, text)
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)  # "1e5" is a common way to write a step count
+            except ValueError:
+                raise _bad(name, kind, text) from None
+            if not number.is_integer():
+                raise _bad(name, kind, text) from None
+            return int(number)
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise _bad(name, kind, text) from None
+    if kind is str:
+        return text
+    raise ConfigError(f"{name} has a field type {kind!r} that configs do not support")
+
+
+def _item_types(kind: Any, count: int, name: str) -> tuple:
+    """The types of ``count`` entries of a tuple type; ``ConfigError`` if it has another length."""
+    args = typing.get_args(kind)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return (args[0],) * count
+    if count != len(args):
+        raise ConfigError(f"{name} must have {len(args)} entries, got {count}")
+    return args
+
+
+def _coerce(value: Any, kind: Any, name: str) -> Any:
+    """Check a JSON value against ``kind``; lists become tuples and ints are accepted as floats."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _bad(name, kind, value)
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, name)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _bad(name, kind, value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _bad(name, kind, value)
+        item_types = _item_types(kind, len(value), name)
+        return tuple(_coerce(v, k, name) for v, k in zip(value, item_types, strict=True))
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind in (bool, int, str) and type(value) is kind:
+        return value
+    raise _bad(name, kind, value)
