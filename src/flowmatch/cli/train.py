@@ -21,8 +21,10 @@ from flowmatch.training.distributed import world_size_from_env
 def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     """The preset with overrides; on ``--resume`` the stored config must agree with it."""
     config = with_overrides(preset_config(args.preset), list(args.overrides))
-    if args.max_steps is not None:
-        config = with_overrides(config, [f"train.steps={args.max_steps}"])
+    if args.max_steps is not None:  # a short run keeps at most its own length of warm-up
+        warmup = min(config.train.warmup_steps, args.max_steps)
+        train = dataclasses.replace(config.train, steps=args.max_steps, warmup_steps=warmup)
+        config = dataclasses.replace(config, train=train)
     if args.resume and (run_dir / "config.json").exists():
         stored = read_config(run_dir)
         if dataclasses.replace(stored, train=config.train, eval=config.eval) != config:

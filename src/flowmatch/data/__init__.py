@@ -8,6 +8,15 @@ from flowmatch.data.arrays import (
     split_rows,
 )
 from flowmatch.data.base import Dataset
+from flowmatch.data.fetch import FETCHABLE, fetch
+from flowmatch.data.images import (
+    IMAGE_SETS,
+    ImageData,
+    ImageDataset,
+    load_image_set,
+    to_model_space,
+    to_pixels,
+)
 from flowmatch.data.toy import (
     TOY_DATASETS,
     Checkerboard,
@@ -20,6 +29,8 @@ from flowmatch.data.toy import (
 )
 
 __all__ = [
+    "FETCHABLE",
+    "IMAGE_SETS",
     "TOY_DATASETS",
     "ArrayDataset",
     "ArraySplit",
@@ -28,10 +39,16 @@ __all__ = [
     "Dataset",
     "EightGaussians",
     "GaussianMixture2D",
+    "ImageData",
+    "ImageDataset",
     "Spirals",
     "Toy2D",
     "TwoMoons",
+    "fetch",
     "load_array",
     "load_array_dataset",
+    "load_image_set",
     "split_rows",
+    "to_model_space",
+    "to_pixels",
 ]

@@ -243,12 +243,12 @@ class MapDistillationObjective(_FlowMapObjective):
         """The PFMM teacher map of ``step``'s phase; copies ``model`` when a new phase begins."""
         phase = step // self.pfmm_phase_steps
         if self._pending_teacher_map is not None:
-            restored = copy.deepcopy(model).requires_grad_(False)
+            restored = copy.deepcopy(model).requires_grad_(False).eval()
             restored.load_state_dict(self._pending_teacher_map)
             self.__dict__["_teacher_map"] = restored
             self._pending_teacher_map = None
         if phase > self.phase:
-            self.__dict__["_teacher_map"] = copy.deepcopy(model).requires_grad_(False)
+            self.__dict__["_teacher_map"] = copy.deepcopy(model).requires_grad_(False).eval()
             self.phase = phase
         return self._teacher_map if self._teacher_map is not None else self._euler_teacher_map
 

@@ -1,5 +1,13 @@
-"""Evaluation metrics: distances between sample sets (energy, W2, MMD) with noise levels."""
+"""Evaluation metrics: distances between sample sets (energy, W2, MMD) with noise levels, and
+Frechet distance, KID and precision/recall of images in the features of a shipped classifier."""
 
+from flowmatch.metrics.features import FEATURE_EXTRACTORS, load_feature_extractor
+from flowmatch.metrics.frechet import (
+    frechet_distance,
+    image_metrics,
+    kernel_inception_distance,
+    precision_recall,
+)
 from flowmatch.metrics.samples import (
     energy_distance,
     median_bandwidth,
@@ -9,9 +17,15 @@ from flowmatch.metrics.samples import (
 )
 
 __all__ = [
+    "FEATURE_EXTRACTORS",
     "energy_distance",
+    "frechet_distance",
+    "image_metrics",
+    "kernel_inception_distance",
+    "load_feature_extractor",
     "median_bandwidth",
     "mmd_rbf",
+    "precision_recall",
     "sample_metrics",
     "wasserstein2",
 ]

@@ -8,7 +8,6 @@ from flowmatch.solvers.integrate import METHODS, IntegrationResult, integrate, s
 from flowmatch.solvers.likelihood import (
     LikelihoodResult,
     bits_per_dim,
-    dequantize,
     log_likelihood,
 )
 from flowmatch.solvers.steps import STEP_RULES, StepRule
@@ -21,7 +20,6 @@ __all__ = [
     "LikelihoodResult",
     "StepRule",
     "bits_per_dim",
-    "dequantize",
     "integrate",
     "log_likelihood",
     "sample",

@@ -121,16 +121,8 @@ def log_likelihood(
     return LikelihoodResult(log_prob=log_prob, nfe=res.nfe, x0=x0, log_prob_stderr=stderr)
 
 
-def dequantize(values: Tensor, levels: int, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantisation of integer data ``v in {0..L-1}`` to ``[-1, 1]``:
-    ``y = 2 (v + u) / L - 1``, ``u ~ U[0, 1)`` (a float tensor like ``values``)."""
-    v = values.to(torch.get_default_dtype()) if not values.is_floating_point() else values
-    u = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
-    return 2.0 * (v + u) / levels - 1.0
-
-
 def bits_per_dim(log_prob: Tensor, dims: int, levels: int) -> Tensor:
-    """Bits per dimension of dequantised data mapped by :func:`dequantize`:
+    """Bits per dimension of data dequantised by ``flowmatch.data.to_model_space``:
     ``bpd = -log p(y) / (D ln 2) + log2(L / 2)`` (7 for 8-bit data; log2(8.5) for 17 levels).
     A uniform density on ``[-1, 1]^D`` gives exactly ``log2(L)``."""
     return -log_prob / (dims * math.log(2.0)) + math.log2(levels / 2.0)

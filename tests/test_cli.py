@@ -1,0 +1,137 @@
+"""The command line end to end on a tiny 2-D run, and its one-line errors for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import flowmatch
+from flowmatch.cli.main import main
+from flowmatch.presets import PRESETS
+from flowmatch.runs import load_run
+from flowmatch.solvers import log_likelihood, sample
+
+TINY = ["model.hidden=32", "model.depth=2", "train.batch_size=64", "train.log_every=10"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "gmm"
+    code = main(["train", "--preset", "gmm", "--out", str(out), "--max-steps", "30", *TINY])
+    assert code == 0
+    return out
+
+
+def test_presets_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in PRESETS)
+
+
+def test_train_writes_a_run_folder(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "meta.json", "metrics.jsonl", "spec.json", "loss.png"} <= names
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["world_size"] == 1 and "torch" in meta["versions"]
+
+
+def test_load_run_gives_a_velocity_for_sample_and_likelihood(run_dir):
+    run = flowmatch.load_run(run_dir)
+    assert run.step == 30 and not run.is_flow_map
+    x = sample(run.velocity(), run.source(8), "euler", steps=4)
+    assert x.shape == (8, 2) and torch.isfinite(x).all()
+    res = log_likelihood(run.velocity(), x, method="rk4", steps=4)
+    assert torch.isfinite(res.log_prob).all()
+
+
+def test_sample_writes_npz_and_pictures(run_dir, capsys):
+    out = run_dir / "s.npz"
+    args = ["sample", str(run_dir), "--n", "100", "--solver", "rk4", "--steps", "3"]
+    assert main([*args, "--out", str(out), "--trajectories"]) == 0
+    arrays = np.load(out)
+    assert arrays["samples"].shape == (100, 2) and arrays["trajectory"].shape == (4, 100, 2)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert (run_dir / "trajectories.png").stat().st_size > 0
+
+
+def test_eval_reports_quality_per_step_count_and_nll(run_dir, capsys):
+    args = ["eval", str(run_dir), "--solver", "euler", "--steps", "1,4", "--n", "200", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["steps"] for row in report["quality"]] == [1, 4]
+    assert all(row["energy_noise"] < 0.05 for row in report["quality"])
+    lik = report["likelihood"]
+    assert lik["exact_nll"] is not None and lik["nfe"] > 0
+    assert (run_dir / "eval-euler-1-4.png").exists()
+
+
+def test_export_writes_safetensors_that_match_the_ema(run_dir):
+    assert main(["export", str(run_dir), "--out", str(run_dir / "export")]) == 0
+    weights = safetensors.torch.load_file(str(run_dir / "export" / "model.safetensors"))
+    model = load_run(run_dir).model
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--preset", "nope"], "unknown preset"),
+        (["train", "--preset", "gmm", "model.hiden=3"], "valid keys"),
+        (["train", "--preset", "gmm", "train.lr=fast"], "train.lr must be float"),
+        (["train", "--preset", "gmm", "objective=magic"], "objective.name must be one of"),
+        (["train", "--preset", "gmm", "data.name=array"], "data.path"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_existing_run_needs_resume(run_dir, capsys):
+    assert main(["train", "--preset", "gmm", "--out", str(run_dir), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_corrupt_or_foreign_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("config.json", "spec.json"):
+        (bad / name).write_text((run_dir / name).read_text())
+    (bad / "checkpoints").mkdir()
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    data = ckpt.read_bytes()
+    (bad / "checkpoints" / ckpt.name).write_bytes(data[: len(data) // 2])  # truncated
+    assert main(["sample", str(bad), "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
+    # A checkpoint of a network of another size: a foreign checkpoint for this run.
+    other = tmp_path / "other"
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "gmm",
+                "--out",
+                str(other),
+                "--max-steps",
+                "10",
+                *TINY,
+                "model.hidden=16",
+            ]
+        )
+        == 0
+    )
+    (bad / "checkpoints" / ckpt.name).write_bytes(
+        sorted((other / "checkpoints").iterdir())[-1].read_bytes()
+    )
+    capsys.readouterr()
+    assert main(["sample", str(bad), "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and len(err.strip().splitlines()) == 1
+    assert main(["sample", str(tmp_path), "--n", "4"]) == 2  # not a run folder
