@@ -19,7 +19,9 @@ TINY = ["model.hidden=32", "model.depth=2", "train.batch_size=64", "train.log_ev
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "gmm"
-    code = main(["train", "--preset", "gmm", "--out", str(out), "--max-steps", "30", *TINY])
+    # Overrides on both sides of the options.
+    argv = ["train", TINY[0], "--preset", "gmm", "--out", str(out), "--max-steps", "30", *TINY[1:]]
+    code = main(argv)
     assert code == 0
     return out
 
@@ -135,3 +137,37 @@ def test_corrupt_or_foreign_checkpoints_are_one_line_errors(run_dir, tmp_path, c
     err = capsys.readouterr().err
     assert "another config" in err and len(err.strip().splitlines()) == 1
     assert main(["sample", str(tmp_path), "--n", "4"]) == 2  # not a run folder
+
+
+def test_flow_map_run_samples_in_any_number_of_jumps(tmp_path, capsys):
+    out = tmp_path / "fm"
+    argv = ["train", "--preset", "gmm-flowmap", "--out", str(out), "--max-steps", "20", *TINY]
+    assert main(argv) == 0
+    run = load_run(out)
+    assert run.is_flow_map
+    x0 = run.source(16)
+    assert torch.equal(run.model(x0, torch.zeros(16), torch.zeros(16)), x0)  # X(x, t, t) = x
+    capsys.readouterr()
+    assert main(["eval", str(out), "--steps", "1,2", "--n", "100", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "flow_map" and [r["nfe"] for r in report["quality"]] == [1, 2]
+    # gmm-flowmap trains both time orders, so the few-step likelihood is reported too.
+    assert [r["jumps"] for r in report["flow_map_likelihood"]] == [1, 4]
+
+
+@pytest.mark.parametrize("objective", ["lmd", "reflow"])
+def test_distill_from_a_teacher_run(run_dir, tmp_path, objective, capsys):
+    out = tmp_path / objective
+    extra = ["objective.reflow_pairs=256", "objective.teacher_solver=euler"]
+    argv = ["distill", "--teacher", str(run_dir), "--objective", objective, "--out", str(out)]
+    assert main([*argv, "--max-steps", "10", *extra]) == 0
+    run = load_run(out)
+    assert run.config.objective.teacher == str(run_dir)
+    assert run.is_flow_map == (objective == "lmd")
+    if objective == "lmd":
+        capsys.readouterr()
+        assert main(["eval", str(out), "--steps", "1,2", "--n", "100", "--no-nll", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert [r["nfe"] for r in report["teacher_euler"]] == [1, 2]
+    else:
+        assert (out / "reflow-pairs.safetensors").exists()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.data import ImageDataset
+from flowmatch.flow_map_likelihood import flow_map_log_likelihood
 from flowmatch.metrics import (
     FEATURE_EXTRACTORS,
     energy_distance,
@@ -122,12 +123,18 @@ class Likelihood:
     exact_nll: float | None = None
 
 
-def likelihood(run: Run, target: Any, n: int, seed: int = 0) -> Likelihood:
-    """NLL by the exact-divergence ODE likelihood (dopri5, atol = rtol = 1e-5)."""
+def likelihood(
+    run: Run, target: Any, n: int, seed: int = 0, jumps: int | None = None
+) -> Likelihood:
+    """NLL by the exact-divergence ODE likelihood (dopri5, atol = rtol = 1e-5) or, with
+    ``jumps``, through that many backward jumps of a flow-map run and the log-determinants of
+    their Jacobians (meaningful for runs trained on both time orders)."""
     x1 = target.sample(n, torch.Generator().manual_seed(seed + 2))
-    res = log_likelihood(
-        run.velocity(), x1, log_p0=run.path.schedule.source_log_prob, method="dopri5"
-    )
+    log_p0 = run.path.schedule.source_log_prob
+    if jumps is None:
+        res = log_likelihood(run.velocity(), x1, log_p0=log_p0, method="dopri5")
+    else:
+        res = flow_map_log_likelihood(run.model, x1, steps=jumps, log_p0=log_p0)
     nll = -res.log_prob
     exact = None
     if hasattr(target, "log_prob"):

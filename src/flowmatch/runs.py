@@ -21,7 +21,12 @@ from torch import Tensor, nn
 from flowmatch.couplings import ExactOTCoupling, IndependentCoupling, SinkhornCoupling
 from flowmatch.data import TOY_DATASETS, load_array_dataset
 from flowmatch.data.images import IMAGE_SETS, ImageDataset, load_image_set
-from flowmatch.losses.flow_matching import FlowMatchingObjective
+from flowmatch.losses import (
+    FlowMatchingObjective,
+    MapDistillationObjective,
+    MeanFlowObjective,
+    SelfDistillationObjective,
+)
 from flowmatch.nets import MLP, FlowMapNet, GuidedVelocity, UNet, drop_labels
 from flowmatch.paths import (
     SCHEDULES,
@@ -31,7 +36,13 @@ from flowmatch.paths import (
     UniformTimeSampler,
 )
 from flowmatch.presets import RunConfig
-from flowmatch.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from flowmatch.reflow import ReflowObjective, ReflowPairs, cached_reflow_pairs
+from flowmatch.training.checkpoint import (
+    CheckpointError,
+    config_differences,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from flowmatch.training.config import ConfigError, config_from_dict, config_to_dict
 
 SPEC_FILE = "spec.json"
@@ -174,16 +185,59 @@ def build_time_sampler(config: RunConfig) -> Callable[..., Tensor]:
     return UniformTimeSampler(schedule.t_min, schedule.t_max)
 
 
-def build_objective(config: RunConfig) -> Any:
-    """The training objective of ``config.objective`` (flow matching here)."""
-    name = config.objective.name
-    if name == "fm":
+def build_objective(config: RunConfig, teacher: Callable[..., Tensor] | None = None) -> Any:
+    """The training objective of ``config.objective``; distillation needs the ``teacher``
+    velocity (see :func:`load_teacher`)."""
+    cfg, path = config.objective, build_path(config)
+    if cfg.name == "fm":
         return FlowMatchingObjective(
-            build_path(config),
-            coupling=build_coupling(config),
-            time_sampler=build_time_sampler(config),
+            path, coupling=build_coupling(config), time_sampler=build_time_sampler(config)
         )
-    raise ConfigError(f"objective {name!r} is not available in this command")
+    if cfg.name in ("lsd", "esd", "psd-mid", "psd-uniform"):
+        return SelfDistillationObjective(
+            path,
+            kind=cfg.name,
+            diagonal_fraction=cfg.diagonal_fraction,
+            learned_weight=cfg.learned_weight,
+            both_orders=cfg.both_orders,
+        )
+    if cfg.name == "meanflow":
+        return MeanFlowObjective(path)
+    if cfg.name == "reflow":
+        return ReflowObjective(path, mode=cfg.reflow_mode, time_sampler=build_time_sampler(config))
+    if teacher is None:
+        raise ConfigError(f"objective {cfg.name} distils a teacher: use flowmatch distill")
+    return MapDistillationObjective(
+        path,
+        teacher,
+        kind=cfg.name,
+        learned_weight=cfg.learned_weight,  # type: ignore[arg-type]
+    )
+
+
+def load_teacher(config: RunConfig) -> Run:
+    """The teacher run named by ``objective.teacher``."""
+    if config.objective.teacher is None:
+        raise ConfigError(f"objective {config.objective.name} needs objective.teacher=RUN_DIR")
+    return load_run(config.objective.teacher)
+
+
+def reflow_source(config: RunConfig, teacher: Run, run_dir: str | Path) -> ReflowPairs:
+    """The teacher's (noise, sample) pairs, generated once from ``train.seed`` and cached in
+    ``run_dir/reflow-pairs``."""
+    cfg = config.objective
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return cached_reflow_pairs(
+        Path(run_dir) / "reflow-pairs",
+        teacher.velocity(),
+        cfg.reflow_pairs,
+        teacher.spec.shape,
+        seed=config.train.seed,
+        teacher_id=str(Path(teacher.run_dir).resolve()),
+        method=cfg.teacher_solver,
+        steps=None if cfg.teacher_solver == "dopri5" else (cfg.teacher_steps or 32),
+        schedule=teacher.path.schedule,
+    )
 
 
 @dataclass
@@ -246,10 +300,18 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"{run_dir} has no checkpoint yet")
+    state = load_checkpoint(path)
+    # Keys added to the config since the checkpoint was written take their defaults; training
+    # and evaluation settings may change over a run's life, the rest defines it.
     expected = config_to_dict(config)
-    # Training and evaluation settings may change over a run's life; the rest defines it.
+    try:
+        stored = config_to_dict(config_from_dict(RunConfig, state.config))
+    except ConfigError as error:
+        raise CheckpointError(f"{path} holds a config this version cannot read: {error}") from None
     free = tuple(f"{section}.{key}" for section in ("train", "eval") for key in expected[section])
-    state = load_checkpoint(path, expected_config=expected, may_differ=free)
+    differences = config_differences(stored, expected, free)
+    if differences:
+        raise CheckpointError(f"{path} was written with another config: {'; '.join(differences)}")
     model = build_model(config, spec)
     try:
         model.load_state_dict(state.ema)

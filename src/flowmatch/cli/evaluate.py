@@ -34,9 +34,20 @@ def _vector_report(run: Run, args: argparse.Namespace, method: str, counts: list
     n = args.n or run.config.eval.samples
     rows = [asdict(sample_quality(run, data.target, method, s, n, args.seed)) for s in counts]
     report: dict = {"quality": rows, "metric": "energy"}
+    if method == "flow_map" and run.config.objective.teacher is not None:
+        # The teacher's Euler solver at the same NFE, beside the flow map's jumps.
+        teacher = load_run(run.config.objective.teacher)
+        report["teacher_euler"] = [
+            asdict(sample_quality(teacher, data.target, "euler", s, n, args.seed)) for s in counts
+        ]
     if not args.no_nll:
-        lik = likelihood(run, data.target, run.config.eval.nll_samples, args.seed)
-        report["likelihood"] = asdict(lik)
+        n_nll = run.config.eval.nll_samples
+        report["likelihood"] = asdict(likelihood(run, data.target, n_nll, args.seed))
+        if run.is_flow_map and run.config.objective.both_orders:
+            report["flow_map_likelihood"] = [
+                {"jumps": k, **asdict(likelihood(run, data.target, n_nll, args.seed, jumps=k))}
+                for k in (1, 4)
+            ]
     return report
 
 
@@ -68,8 +79,11 @@ def eval_command(args: argparse.Namespace) -> None:
     rows, metric = report["quality"], report["metric"]
     if len(rows) > 1:
         noise = rows[0].get("energy_noise")
+        curves = {method: {r["steps"]: r[metric] for r in rows}}
+        if "teacher_euler" in report:
+            curves["teacher euler"] = {r["steps"]: r[metric] for r in report["teacher_euler"]}
         plotting.plot_quality_vs_steps(
-            {method: {r["steps"]: r[metric] for r in rows}},
+            curves,
             run.run_dir / f"{name}.png",
             metric_name=metric.replace("_", " "),
             noise_level=noise,
@@ -100,6 +114,8 @@ def print_report(report: dict) -> None:
                 f"{steps:>6} {r['nfe']:>5} {r['frechet_distance']:>9.3f} {r['kid']:>9.4f} "
                 f"{r['precision']:>6.3f} {r['recall']:>6.3f}"
             )
+    for r in report.get("teacher_euler", []):
+        print(f"teacher euler {r['steps']:>3} steps: energy {r['energy']:.5f}, W2 {r['w2']:.4f}")
     if "likelihood" in report:
         lik = report["likelihood"]
         exact = "" if lik["exact_nll"] is None else f", exact {lik['exact_nll']:.4f}"
@@ -107,6 +123,8 @@ def print_report(report: dict) -> None:
             f"NLL {lik['nll']:.4f} +- {lik['nll_stderr']:.4f} nats ({lik['nfe']} NFE, "
             f"{lik['n']} samples{exact})"
         )
+    for lik in report.get("flow_map_likelihood", []):
+        print(f"NLL through {lik['jumps']} flow-map jump(s): {lik['nll']:.4f} nats")
     if "bits_per_dim" in report:
         b = report["bits_per_dim"]
         print(

@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
+    distill = commands.add_parser(
+        "distill", help="distil a trained velocity run into a flow map, or reflow it"
+    )
+    distill.add_argument("--teacher", type=Path, required=True, help="the teacher's run folder")
+    distill.add_argument("--objective", required=True, choices=["lmd", "emd", "pfmm", "reflow"])
+    distill.add_argument("--out", type=Path, help="run folder (default: runs/TEACHER-OBJECTIVE)")
+    distill.add_argument("--max-steps", type=int, help="train this many steps (train.steps)")
+    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    distill.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
     sample = commands.add_parser("sample", help="draw samples from a trained run")
     sample.add_argument("run_dir", type=Path)
     sample.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
@@ -119,6 +129,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from flowmatch.cli.train import train_command
 
     train_command(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from flowmatch.cli.train import distill_command
+
+    distill_command(args)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -175,6 +191,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "train": cmd_train,
+    "distill": cmd_distill,
     "sample": cmd_sample,
     "eval": cmd_eval,
     "export": cmd_export,
@@ -193,7 +210,15 @@ def _set_threads(run_dir: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand before or after the options of `train`.
+    if args.command in ("train", "distill") and all(
+        "=" in e and not e.startswith("-") for e in extra
+    ):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if getattr(args, "run_dir", None) is not None:
             _set_threads(args.run_dir)

@@ -1,4 +1,6 @@
-"""``flowmatch train``: a preset plus overrides becomes a run folder with a trained model."""
+"""``flowmatch train`` and ``flowmatch distill``: a config becomes a run folder with a trained
+model. ``train`` starts from a preset; ``distill`` from a teacher run's config, with a flow-map
+distillation objective (lmd, emd, pfmm) or reflow on the teacher's (noise, sample) pairs."""
 
 from __future__ import annotations
 
@@ -6,36 +8,45 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from flowmatch import plotting
 from flowmatch.presets import RunConfig, preset_config, with_overrides
-from flowmatch.runs import Data, build_data, build_model, build_objective, read_config, write_spec
+from flowmatch.runs import (
+    Data,
+    build_data,
+    build_model,
+    build_objective,
+    load_teacher,
+    read_config,
+    reflow_source,
+    write_spec,
+)
 from flowmatch.training import train
 from flowmatch.training.config import ConfigError
 from flowmatch.training.distributed import world_size_from_env
 
 
-def resolve_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
-    """The preset with overrides; on ``--resume`` the stored config must agree with it."""
-    config = with_overrides(preset_config(args.preset), list(args.overrides))
+def finish_config(config: RunConfig, args: argparse.Namespace, run_dir: Path) -> RunConfig:
+    """Apply ``--max-steps``; on ``--resume`` the stored config must agree outside train/eval."""
     if args.max_steps is not None:  # a short run keeps at most its own length of warm-up
         warmup = min(config.train.warmup_steps, args.max_steps)
-        train = dataclasses.replace(config.train, steps=args.max_steps, warmup_steps=warmup)
-        config = dataclasses.replace(config, train=train)
+        train_cfg = dataclasses.replace(config.train, steps=args.max_steps, warmup_steps=warmup)
+        config = dataclasses.replace(config, train=train_cfg)
     if args.resume and (run_dir / "config.json").exists():
         stored = read_config(run_dir)
         if dataclasses.replace(stored, train=config.train, eval=config.eval) != config:
             raise ConfigError(
-                f"--resume: the preset and overrides differ from {run_dir}/config.json outside "
-                "the train and eval sections"
+                f"--resume: the config differs from {run_dir}/config.json outside the train and "
+                "eval sections"
             )
     return config
 
 
-def validation_loss(data: Data, objective, seed: int, n: int = 2048):
+def validation_loss(data: Data, objective, seed: int, n: int = 2048) -> Callable | None:
     """``validate(model)``: the objective's mean loss on a fixed validation draw, or None."""
     if data.validation is None:
         return None
@@ -50,7 +61,8 @@ def validation_loss(data: Data, objective, seed: int, n: int = 2048):
 
 
 def plot_losses(run_dir: Path) -> None:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     if not records:
         return
     val = [r for r in records if r.get("val_loss") is not None]
@@ -63,24 +75,23 @@ def plot_losses(run_dir: Path) -> None:
     )
 
 
-def train_command(args: argparse.Namespace) -> None:
-    run_dir = args.out or Path("runs") / args.preset
-    config = resolve_config(args, run_dir)
+def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Build everything the config names and train it (any number of processes)."""
     data = build_data(config)
+    source, teacher_velocity = data.train, None
+    if config.objective.name in ("lmd", "emd", "pfmm", "reflow"):
+        teacher = load_teacher(config)
+        if config.objective.name == "reflow":
+            source = reflow_source(config, teacher, run_dir)
+        else:
+            teacher_velocity = teacher.velocity()
     model = build_model(config, data.spec)
-    objective = build_objective(config)
+    objective = build_objective(config, teacher_velocity)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         write_spec(run_dir, data.spec)
-    result = train(
-        model,
-        objective,
-        data.train,
-        config,
-        run_dir,
-        resume=args.resume,
-        validate=validation_loss(data, objective, config.train.seed),
-    )
+    validate = validation_loss(data, objective, config.train.seed)
+    result = train(model, objective, source, config, run_dir, resume=resume, validate=validate)
     if main_process:
         plot_losses(run_dir)
         n = sum(p.numel() for p in model.parameters())
@@ -88,3 +99,21 @@ def train_command(args: argparse.Namespace) -> None:
             f"trained {result.step} steps in {result.seconds:.1f} s ({n} parameters, world size "
             f"{world_size_from_env()}); run folder {run_dir}"
         )
+
+
+def train_command(args: argparse.Namespace) -> None:
+    run_dir = args.out or Path("runs") / args.preset
+    config = with_overrides(preset_config(args.preset), list(args.overrides))
+    run_training(finish_config(config, args, run_dir), run_dir, args.resume)
+
+
+def distill_command(args: argparse.Namespace) -> None:
+    teacher = read_config(args.teacher)
+    if teacher.objective.is_flow_map:
+        raise ConfigError(f"{args.teacher} is a flow-map run; the teacher must be a velocity")
+    run_dir = args.out or Path("runs") / f"{Path(args.teacher).name}-{args.objective}"
+    objective = dataclasses.replace(
+        teacher.objective, name=args.objective, teacher=str(args.teacher)
+    )
+    config = with_overrides(dataclasses.replace(teacher, objective=objective), list(args.overrides))
+    run_training(finish_config(config, args, run_dir), run_dir, args.resume)

@@ -1,5 +1,42 @@
-"""Training objectives: per-sample losses ``[B]`` averaged over the non-batch dimensions."""
+"""Training objectives: per-sample losses ``[B]`` averaged over the non-batch dimensions.
 
+Flow matching of a velocity (``cfm_loss``), and flow-map losses: distillation from a teacher
+velocity (Lagrangian, Eulerian, progressive), self-distillation and MeanFlow.
+"""
+
+from flowmatch.losses.flow_map_objectives import (
+    MapDistillationObjective,
+    MeanFlowObjective,
+    SelfDistillationObjective,
+)
+from flowmatch.losses.flow_maps import (
+    LearnedLossWeight,
+    diagonal_flow_matching_loss,
+    directional_derivative,
+    eulerian_map_distillation_loss,
+    eulerian_self_distillation_loss,
+    lagrangian_map_distillation_loss,
+    lagrangian_self_distillation_loss,
+    meanflow_loss,
+    progressive_map_distillation_loss,
+    progressive_self_distillation_loss,
+)
 from flowmatch.losses.flow_matching import FlowMatchingObjective, cfm_loss
 
-__all__ = ["FlowMatchingObjective", "cfm_loss"]
+__all__ = [
+    "FlowMatchingObjective",
+    "LearnedLossWeight",
+    "MapDistillationObjective",
+    "MeanFlowObjective",
+    "SelfDistillationObjective",
+    "cfm_loss",
+    "diagonal_flow_matching_loss",
+    "directional_derivative",
+    "eulerian_map_distillation_loss",
+    "eulerian_self_distillation_loss",
+    "lagrangian_map_distillation_loss",
+    "lagrangian_self_distillation_loss",
+    "meanflow_loss",
+    "progressive_map_distillation_loss",
+    "progressive_self_distillation_loss",
+]

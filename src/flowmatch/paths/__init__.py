@@ -1,4 +1,4 @@
-"""Probability paths: schedules, affine Gaussian paths, conversions, time samplers."""
+"""Probability paths: schedules, affine Gaussian paths, conversions, time and time-pair samplers."""
 
 from flowmatch.paths.affine import AffinePath, PathSample, convert
 from flowmatch.paths.schedules import (
@@ -9,6 +9,7 @@ from flowmatch.paths.schedules import (
     VESchedule,
     VPSchedule,
 )
+from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
 from flowmatch.paths.time_samplers import LogitNormalTimeSampler, UniformTimeSampler
 
 __all__ = [
@@ -16,9 +17,12 @@ __all__ = [
     "AffinePath",
     "CondOTSchedule",
     "CosineSchedule",
+    "DiagonalSplitTimePairs",
+    "LogitNormalTimePairs",
     "LogitNormalTimeSampler",
     "PathSample",
     "Schedule",
+    "TimePairs",
     "UniformTimeSampler",
     "VESchedule",
     "VPSchedule",
