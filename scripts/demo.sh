@@ -8,6 +8,6 @@ RUN=${1:-runs/checkerboard}
 FM=.venv/bin/flowmatch
 "$FM" train --preset checkerboard --out "$RUN"
 "$FM" sample "$RUN" --n 4000 --solver rk4 --steps 16 --trajectories
-"$FM" eval "$RUN" --steps 1,2,4,8,16 --solver euler
+"$FM" eval "$RUN" --steps 1,2,4,8,16 --solver euler --no-nll
 "$FM" eval "$RUN" --solver dopri5
 echo "Done: see $RUN (samples.png, trajectories.png, loss.png, eval-*.json)"
