@@ -171,3 +171,22 @@ def test_distill_from_a_teacher_run(run_dir, tmp_path, objective, capsys):
         assert [r["nfe"] for r in report["teacher_euler"]] == [1, 2]
     else:
         assert (out / "reflow-pairs.safetensors").exists()
+
+
+def test_user_array_trains_with_a_validation_loss(tmp_path):
+    data = torch.randn(500, 3).numpy() * 2 + 1
+    np.save(tmp_path / "data.npy", data)
+    out = tmp_path / "arr"
+    argv = ["train", "--preset", "gmm", "--out", str(out), "--max-steps", "20", *TINY]
+    assert main([*argv, "data.name=array", f"data.path={tmp_path / 'data.npy'}"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_loss"] > 0 for r in records)
+    assert load_run(out).spec.shape == (3,)
+
+
+def test_wrong_array_shape_is_a_one_line_error(tmp_path, capsys):
+    np.save(tmp_path / "flat.npy", np.arange(10.0))
+    argv = ["train", "--preset", "gmm", "--out", str(tmp_path / "r")]
+    assert main([*argv, "data.name=array", f"data.path={tmp_path / 'flat.npy'}"]) == 2
+    err = capsys.readouterr().err
+    assert "flat.npy" in err and len(err.strip().splitlines()) == 1

@@ -38,11 +38,13 @@ def _steps_list(text: str) -> list[int]:
 
 
 def _config_keys_help() -> str:
+    """Every config key with its default (the presets change some of them)."""
     defaults = RunConfig()
     lines = []
     for section in fields(RunConfig):
-        keys = ", ".join(f.name for f in fields(getattr(defaults, section.name)))
-        lines.append(f"  {section.name}.{{{keys}}}")
+        values = getattr(defaults, section.name)
+        keys = ", ".join(f"{f.name}={getattr(values, f.name)}" for f in fields(values))
+        lines.append(f"  {section.name}: {keys}")
     return "\n".join(lines)
 
 
@@ -58,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model from a preset with key=value overrides",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (key=value; a section name alone sets its name, e.g. objective=lsd):\n"
-        + _config_keys_help(),
+        epilog="config keys as section.key=value, with their defaults (a section name alone sets "
+        "its name, e.g. objective=lsd):\n" + _config_keys_help(),
     )
     train.add_argument("--preset", required=True, help="a preset name (see `flowmatch presets`)")
     train.add_argument("--out", type=Path, help="run folder (default: runs/PRESET)")

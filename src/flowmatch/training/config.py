@@ -52,7 +52,7 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 1000
     keep_checkpoints: int | None = 3  # None: keep all
-    val_every: int | None = None
+    val_every: int | None = None  # None: validate at every logging step
     device: str = "auto"  # auto: the local CUDA device if there is one, else cpu
     num_threads: int | None = None  # torch.set_num_threads; None: leave torch's default
 

@@ -145,7 +145,8 @@ def train(
     ``config`` is a ``TrainConfig``, or a dataclass with a ``train: TrainConfig`` field (all of
     it is saved to config.json and checkpoints). With ``resume``, training continues from the
     last checkpoint in ``run_dir`` if there is one. ``validate(ema_model) -> float`` runs every
-    ``val_every`` steps on rank 0. Launch under torchrun for several processes.
+    ``val_every`` (default: ``log_every``) steps on rank 0. Launch under torchrun for several
+    processes.
     """
     train_config = config if isinstance(config, TrainConfig) else getattr(config, "train", None)
     if not isinstance(train_config, TrainConfig):
@@ -243,8 +244,7 @@ def _train(
             val_now = (
                 ctx.is_main
                 and validate is not None
-                and cfg.val_every is not None
-                and (done % cfg.val_every == 0 or done == cfg.steps)
+                and (done % (cfg.val_every or cfg.log_every) == 0 or done == cfg.steps)
             )
             lr = learning_rate(
                 step,
