@@ -190,3 +190,22 @@ def test_wrong_array_shape_is_a_one_line_error(tmp_path, capsys):
     assert main([*argv, "data.name=array", f"data.path={tmp_path / 'flat.npy'}"]) == 2
     err = capsys.readouterr().err
     assert "flat.npy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_conditional_digits_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "digits"
+    tiny_unet = ["model.channels=8", "model.num_groups=4", "train.batch_size=16"]
+    argv = ["train", "--preset", "digits", "--out", str(out), "--max-steps", "4", *tiny_unet]
+    assert main([*argv, "data.conditional=true", "eval.nll_samples=4", "train.log_every=2"]) == 0
+    run = load_run(out)
+    assert run.spec.num_classes == 10 and run.spec.levels == 17
+    args = ["sample", str(out), "--n", "20", "--solver", "euler", "--steps", "2"]
+    assert main([*args, "--guidance", "2.0"]) == 0
+    assert (out / "samples.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--solver", "euler", "--steps", "2", "--n", "40", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    quality = report["quality"][0]
+    assert quality["extractor"] == "lenet-digits" and quality["frechet_distance"] > 0
+    bpd = report["bits_per_dim"]
+    assert bpd["n"] == 4 and 0 < bpd["bpd"] < 50

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowmatch.data import ImageDataset
+from flowmatch.data import ImageDataset, to_model_space
 from flowmatch.flow_map_likelihood import flow_map_log_likelihood
 from flowmatch.metrics import (
     FEATURE_EXTRACTORS,
     energy_distance,
     image_metrics,
     load_feature_extractor,
+    load_inception,
     wasserstein2,
 )
 from flowmatch.runs import Run
@@ -172,19 +173,26 @@ def image_quality(
     n: int,
     seed: int = 0,
     guidance: float | None = None,
+    inception_weights: str | None = None,
 ) -> ImageQuality:
-    """Sample quality of an image run against ``reference`` images (uint8 or model space)."""
+    """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
+    features of the dataset's shipped classifier or, given the local weights file of
+    pytorch-fid (checked by its hash), of Inception-v3."""
     name = run.config.data.name
-    if name not in FEATURE_EXTRACTORS:
+    if inception_weights is not None:
+        extractor: torch.nn.Module = load_inception(inception_weights)
+    elif name in FEATURE_EXTRACTORS:
+        extractor = load_feature_extractor(name)
+    else:
         raise ValueError(
-            f"no feature classifier ships for {name!r}; image metrics cover "
-            f"{', '.join(FEATURE_EXTRACTORS)}"
+            f"no feature classifier ships for {name!r} (they cover "
+            f"{', '.join(FEATURE_EXTRACTORS)}); pass --inception-weights FILE"
         )
-    extractor = load_feature_extractor(name)
+    reference = to_model_space(reference[:n], run.spec.levels or 256)
     result = generate(run, n, method=method, steps=steps, seed=seed, guidance=guidance)
     generator = torch.Generator().manual_seed(seed + 3)
     metrics = image_metrics(
-        result.x, reference[:n], extractor, kid_subset_size=min(1000, n // 2), generator=generator
+        result.x, reference, extractor, kid_subset_size=min(1000, n // 2), generator=generator
     )
     return ImageQuality(
         method=method,
@@ -214,13 +222,16 @@ class BitsPerDim:
 def bits_per_dim_of_run(
     run: Run, test: ImageDataset, n: int, seed: int = 0, probes: int = 1, batch: int = 100
 ) -> BitsPerDim:
-    """Hutchinson ODE likelihood (dopri5, atol = rtol = 1e-5) of ``n`` test images under the
+    """Hutchinson ODE likelihood (dopri5, atol = rtol = 1e-5) of ``n`` test images (given their
+    labels, for a class-conditional run) under the
     dequantisation ``y = 2 (v + u) / L - 1``; ``bpd = -log p(y) / (D ln 2) + log2(L / 2)``."""
     generator = torch.Generator().manual_seed(seed + 4)
-    images = test.sample(n, generator)
-    dims = images[0].numel()
+    drawn = test.sample_labelled(n, generator)
+    conditional = run.spec.num_classes is not None  # then log p(x | y) at the true labels
+    labels = drawn.label if conditional else torch.zeros(n, dtype=torch.long)
+    dims = drawn.x1[0].numel()
     bpd, nfe = [], 0
-    for chunk in images.split(batch):
+    for chunk, y in zip(drawn.x1.split(batch), labels.split(batch), strict=True):
         res = log_likelihood(
             run.velocity(),
             chunk,
@@ -228,6 +239,7 @@ def bits_per_dim_of_run(
             probes=probes,
             generator=generator,
             log_p0=run.path.schedule.source_log_prob,
+            model_kwargs={"y": y} if conditional else None,
         )
         bpd.append(bits_per_dim(res.log_prob, dims, test.levels))
         nfe = max(nfe, res.nfe)

@@ -56,7 +56,11 @@ def _image_report(run: Run, args: argparse.Namespace, method: str, counts: list)
     test = load_image_set(cfg.name, cfg.path, "test")
     n = args.n or run.config.eval.samples
     rows = [
-        asdict(image_quality(run, test.images, method, s, n, args.seed, args.guidance))
+        asdict(
+            image_quality(
+                run, test.images, method, s, n, args.seed, args.guidance, args.inception_weights
+            )
+        )
         for s in counts
     ]
     report: dict = {"quality": rows, "metric": "frechet_distance"}
@@ -106,7 +110,7 @@ def print_report(report: dict) -> None:
                 f"{r['w2']:>8.4f} {r['w2_noise']:>8.4f}"
             )
     else:
-        print(f"features: {rows[0]['extractor']} (not comparable with Inception FID)")
+        print(f"features: {rows[0]['extractor']}")
         print(f"{'steps':>6} {'NFE':>5} {'FD':>9} {'KID':>9} {'prec':>6} {'recall':>6}")
         for r in rows:
             steps = "-" if r["steps"] is None else r["steps"]

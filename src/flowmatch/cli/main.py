@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, help="samples per metric (default: eval.samples)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    evaluate.add_argument(
+        "--inception-weights",
+        help="images: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (checked by its hash) "
+        "for Inception-v3 features instead of the shipped classifier",
+    )
     evaluate.add_argument("--no-nll", action="store_true", help="skip the likelihood")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
 

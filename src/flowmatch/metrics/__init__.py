@@ -8,6 +8,7 @@ from flowmatch.metrics.frechet import (
     kernel_inception_distance,
     precision_recall,
 )
+from flowmatch.metrics.inception import InceptionV3, inception_features, load_inception
 from flowmatch.metrics.samples import (
     energy_distance,
     median_bandwidth,
@@ -18,11 +19,14 @@ from flowmatch.metrics.samples import (
 
 __all__ = [
     "FEATURE_EXTRACTORS",
+    "InceptionV3",
     "energy_distance",
     "frechet_distance",
     "image_metrics",
+    "inception_features",
     "kernel_inception_distance",
     "load_feature_extractor",
+    "load_inception",
     "median_bandwidth",
     "mmd_rbf",
     "precision_recall",

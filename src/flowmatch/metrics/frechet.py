@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.metrics.features import LeNet, extract_features
+from flowmatch.metrics.inception import InceptionV3, inception_features
 
 
 def _as_features(features: Tensor | np.ndarray, name: str) -> Tensor:
@@ -170,17 +171,19 @@ class ImageMetrics:
 def image_metrics(
     samples: Tensor,
     reference: Tensor,
-    extractor: LeNet,
+    extractor: LeNet | InceptionV3,
     kid_subset_size: int = 1000,
     kid_subsets: int = 100,
     k: int = 3,
     generator: torch.Generator | None = None,
 ) -> ImageMetrics:
     """Frechet distance, KID and precision/recall of ``samples`` against ``reference`` images
-    ``[N, C, H, W]`` (float in ``[-1, 1]`` or uint8 pixels), in the features of ``extractor``.
+    ``[N, C, H, W]`` (float in ``[-1, 1]`` or uint8 pixels), in the features of ``extractor``: a
+    shipped classifier or, from the user's local weights file, pytorch-fid's Inception-v3.
     """
-    generated = extract_features(extractor, samples)
-    real = extract_features(extractor, reference)
+    features = inception_features if isinstance(extractor, InceptionV3) else extract_features
+    generated = features(extractor, samples)
+    real = features(extractor, reference)
     kid = kernel_inception_distance(generated, real, kid_subset_size, kid_subsets, generator)
     quality = precision_recall(real, generated, k)
     return ImageMetrics(
