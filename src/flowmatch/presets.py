@@ -85,7 +85,7 @@ class ObjectiveConfig:
     label_dropout: float = 0.1  # conditional models: share of null labels (guidance)
     diagonal_fraction: float = 0.75  # flow maps: share of the batch on the diagonal s = t
     learned_weight: bool = False  # flow maps: learned two-time weight e^-w L + w (unstable on
-    # small runs here: it can favour the trivial self-consistent map; see docs)
+    # small runs here: it can favour the trivial self-consistent map; docs/flow-maps.md)
     both_orders: bool = False  # flow maps: train s > t too (backward map, few-step likelihood)
     teacher: str | None = None  # distillation / reflow: the teacher's run folder
     teacher_solver: str = "dopri5"  # reflow: how the teacher's pairs are generated

@@ -190,7 +190,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from flowmatch.data import fetch
+    from flowmatch.data.fetch import fetch
 
     folder = fetch(args.name, args.dir)
     print(f"{args.name} is in {folder}; train with data.path={folder}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from flowmatch import plotting
-from flowmatch.presets import RunConfig, preset_config, with_overrides
+from flowmatch.presets import ObjectiveConfig, RunConfig, preset_config, with_overrides
 from flowmatch.runs import (
     Data,
     build_data,
@@ -112,8 +112,10 @@ def distill_command(args: argparse.Namespace) -> None:
     if teacher.objective.is_flow_map:
         raise ConfigError(f"{args.teacher} is a flow-map run; the teacher must be a velocity")
     run_dir = args.out or Path("runs") / f"{Path(args.teacher).name}-{args.objective}"
-    objective = dataclasses.replace(
-        teacher.objective, name=args.objective, teacher=str(args.teacher)
+    objective = ObjectiveConfig(  # the objective's own defaults, not the teacher's settings
+        name=args.objective,
+        teacher=str(args.teacher),
+        label_dropout=teacher.objective.label_dropout,
     )
     config = with_overrides(dataclasses.replace(teacher, objective=objective), list(args.overrides))
     run_training(finish_config(config, args, run_dir), run_dir, args.resume)

@@ -8,7 +8,7 @@ from flowmatch.data.arrays import (
     split_rows,
 )
 from flowmatch.data.base import Dataset
-from flowmatch.data.fetch import FETCHABLE, fetch
+from flowmatch.data.fetch import FETCHABLE
 from flowmatch.data.images import (
     IMAGE_SETS,
     ImageData,
@@ -44,7 +44,6 @@ __all__ = [
     "Spirals",
     "Toy2D",
     "TwoMoons",
-    "fetch",
     "load_array",
     "load_array_dataset",
     "load_image_set",
