@@ -143,6 +143,7 @@ def with_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
 def _toy(name: str, steps: int = 8000, **train: object) -> RunConfig:
     return RunConfig(
         data=DataConfig(name=name),
+        eval=EvalConfig(samples=2000, nll_samples=500),
         train=TrainConfig(
             steps=steps,
             batch_size=512,
