@@ -180,9 +180,10 @@ def image_grid(images: ArrayLike, nrow: int = 8, padding: int = 2) -> np.ndarray
     return grid[0] if channels == 1 else grid.transpose(1, 2, 0)
 
 
-def save_image_grid(images: ArrayLike, path: str | Path, nrow: int = 8) -> Path:
-    """Write ``image_grid(images, nrow)`` pixel for pixel (PNG for ``.png``)."""
-    grid = image_grid(images, nrow)
+def save_image_grid(images: ArrayLike, path: str | Path, nrow: int = 8, scale: int = 1) -> Path:
+    """Write ``image_grid(images, nrow)`` with each pixel a ``scale x scale`` block (PNG for
+    ``.png``); a scale above 1 makes small images such as 8x8 digits readable."""
+    grid = image_grid(images, nrow).repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if grid.ndim == 2:

@@ -172,7 +172,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
             plotting.plot_trajectories_2d(result.trajectory, out.with_name("trajectories.png"))
     elif len(run.spec.shape) == 3:  # conditional runs: one column per class
         nrow = run.spec.num_classes or 8
-        plotting.save_image_grid(result.x[: nrow * 8], picture, nrow=nrow)
+        scale = max(1, 64 // run.spec.shape[-1])  # 8x8 digits: 8x, 28x28: 2x
+        plotting.save_image_grid(result.x[: nrow * 8], picture, nrow=nrow, scale=scale)
     print(f"wrote {out} and {picture} ({args.n} samples, {result.nfe} NFE)")
 
 
