@@ -200,7 +200,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "checkerboard": Preset(
-        "2-D checkerboard, MLP 4x256, CondOT flow matching, 8000 steps of 512 (about 1 min)",
+        "2-D checkerboard, MLP 4x256, CondOT flow matching, 8000 steps of 512 (1-2 min)",
         lambda: _toy("checkerboard"),
     ),
     "eight-gaussians": Preset(
