@@ -92,7 +92,7 @@ class FlowMatch(Side):
     here), ``flowmatch.couplings``, ``flowmatch.solvers``."""
 
     name = "flowmatch"
-    couplings = ("independent", "exact_ot", "sinkhorn")
+    couplings = ("independent", "exact_ot", "exact_ot_block128", "sinkhorn")
 
     def trainer(self, net, optimiser, coupling, seed):
         objective = self.objective(coupling)
@@ -113,6 +113,7 @@ class FlowMatch(Side):
         pairing = {
             "independent": IndependentCoupling(),
             "exact_ot": ExactOTCoupling(),
+            "exact_ot_block128": ExactOTCoupling(block_size=128),
             "sinkhorn": SinkhornCoupling(),
         }[coupling]
         return FlowMatchingObjective(AffinePath(CondOTSchedule()), pairing, UniformTimeSampler())

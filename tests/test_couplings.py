@@ -156,3 +156,18 @@ def test_bad_inputs_raise():
         SinkhornCoupling(epsilon=0.0)
     with pytest.raises(ValueError):
         round_to_permutation(torch.zeros(3, 4), rounds=1)
+
+
+def test_block_ot_pairs_each_block_optimally_and_keeps_a_permutation():
+    gen = torch.Generator().manual_seed(11)
+    x0, x1 = torch.randn(20, 2, generator=gen), torch.randn(20, 2, generator=gen) + 1.0
+    paired = ExactOTCoupling(block_size=8)(x0, x1)
+    # A permutation of the whole batch: every x0 is used exactly once.
+    match = torch.cdist(paired, x0) == 0
+    assert match.sum(0).eq(1).all() and match.sum(1).eq(1).all()
+    for start in (0, 8, 16):  # blocks of 8, 8 and 4, each an exact OT pairing of its own
+        block = slice(start, start + 8)
+        assert torch.equal(paired[block], ExactOTCoupling()(x0[block], x1[block]))
+    whole = ((ExactOTCoupling()(x0, x1) - x1) ** 2).sum()
+    independent = ((x0 - x1) ** 2).sum()
+    assert whole <= ((paired - x1) ** 2).sum() <= independent
