@@ -92,7 +92,7 @@ class FlowMatch(Side):
     here), ``flowmatch.couplings``, ``flowmatch.solvers``."""
 
     name = "flowmatch"
-    couplings = ("independent", "exact_ot", "exact_ot_block128", "sinkhorn")
+    couplings = ("independent", "exact_ot", "exact_ot_block128", "exact_ot_block64", "sinkhorn")
 
     def trainer(self, net, optimiser, coupling, seed):
         objective = self.objective(coupling)
@@ -114,6 +114,7 @@ class FlowMatch(Side):
             "independent": IndependentCoupling(),
             "exact_ot": ExactOTCoupling(),
             "exact_ot_block128": ExactOTCoupling(block_size=128),
+            "exact_ot_block64": ExactOTCoupling(block_size=64),
             "sinkhorn": SinkhornCoupling(),
         }[coupling]
         return FlowMatchingObjective(AffinePath(CondOTSchedule()), pairing, UniformTimeSampler())

@@ -68,6 +68,7 @@ class PathConfig:
     schedule: Literal["cond-ot", "cosine", "vp", "ve"] = "cond-ot"
     sigma_min: float = 0.0  # cond-ot
     coupling: Literal["independent", "exact-ot", "sinkhorn"] = "independent"
+    ot_block_size: int | None = None  # exact-ot: pair blocks of this size (a fraction of the cost)
     time_sampler: Literal["uniform", "logit-normal"] = "uniform"
 
 

@@ -171,11 +171,10 @@ def build_path(config: RunConfig) -> AffinePath:
 
 
 def build_coupling(config: RunConfig) -> Callable[..., Tensor]:
-    return {
-        "independent": IndependentCoupling,
-        "exact-ot": ExactOTCoupling,
-        "sinkhorn": SinkhornCoupling,
-    }[config.path.coupling]()
+    cfg = config.path
+    if cfg.coupling == "exact-ot":
+        return ExactOTCoupling(block_size=cfg.ot_block_size)
+    return SinkhornCoupling() if cfg.coupling == "sinkhorn" else IndependentCoupling()
 
 
 def build_time_sampler(config: RunConfig) -> Callable[..., Tensor]:
