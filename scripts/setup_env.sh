@@ -10,6 +10,5 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   # A bare `pip install torch` pulls a multi-GB CUDA build; pin the CPU wheel.
   "$PY" -m pip install -q torch==2.13.0
 fi
-if ! "$PY" -c "import flowmatch, pytest, ruff, sklearn" >/dev/null 2>&1; then
-  "$PY" -m pip install -q -e ".[dev]"
-fi
+# Quick when everything is already there; picks up dependencies added since the last set-up.
+"$PY" -m pip install -q -e ".[dev]"

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,14 @@ def test_block_ot_pairs_each_block_optimally_and_keeps_a_permutation():
     whole = ((ExactOTCoupling()(x0, x1) - x1) ** 2).sum()
     independent = ((x0 - x1) ** 2).sum()
     assert whole <= ((paired - x1) ** 2).sum() <= independent
+
+
+def test_assignment_solver_takes_over_if_the_simplex_stops_short(monkeypatch):
+    import flowmatch.couplings as couplings
+
+    gen = torch.Generator().manual_seed(12)
+    x0, x1 = torch.randn(6, 2, generator=gen), torch.randn(6, 2, generator=gen)
+    expected = ot_permutation(x0, x1)
+    # A plan that is not a vertex (uniform): its row argmax is not a permutation.
+    monkeypatch.setattr(couplings.ot, "emd", lambda a, b, cost, **kw: np.full(cost.shape, 1 / 36))
+    assert torch.equal(ot_permutation(x0, x1), expected)

@@ -11,12 +11,14 @@ trailing shape ``[B, *dims]`` works.
 - :class:`SinkhornCoupling`: entropic OT by log-domain Sinkhorn on the batch's device, rounded to a
   permutation.
 
-The exact solver is ``scipy.optimize.linear_sum_assignment`` on the CPU. At batch 512 on one
-core it took 13.4 ms (2-D) and 16.2 ms (784-D) against 18.1 ms and 24.1 ms for POT's network
-simplex ``ot.emd`` (1.2-1.7x slower over repeated runs, same optimal cost); both are exact, so the
-faster one, already a dependency, is used. Building the cost matrix (``torch.cdist`` on the
-inputs' device and dtype, 0.1-4 ms) and moving it to the host (0.1 ms) are small beside the
-solve, which costs one host sync per batch. Couplings are not differentiated through.
+The exact solver is POT's network simplex ``ot.emd`` on the CPU: with uniform weights its
+optimal basic solution is a permutation matrix divided by B. Measured at batch 512 on one core,
+interleaved with ``scipy.optimize.linear_sum_assignment`` on the same cost matrices (same
+optimal cost every time): checkerboard 18 vs 28 ms, Gaussian mixture 19 vs 46 ms, moons 18 vs
+51 ms, MNIST (784-D) 28 vs 40 ms, Gaussian 2-D 16.5 vs 15.8 ms. Building the cost matrix
+(``torch.cdist`` on the inputs' device and dtype, 0.1-4 ms) and moving it to the host (0.1 ms)
+are small beside the solve, which costs one host sync per batch. Couplings are not
+differentiated through.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -61,14 +65,19 @@ def _check_batch(x0: Tensor, x1: Tensor) -> None:
 def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
     """The permutation ``perm: [B]`` minimising ``sum_i |x0[perm[i]] - x1[i]|^2`` (exact).
 
-    Solves the assignment problem on the squared-distance matrix (built in the inputs' dtype,
-    solved in float64) with ``scipy.optimize.linear_sum_assignment``; returns a LongTensor on
-    ``x0``'s device.
+    Solves the OT problem with uniform weights on the squared-distance matrix (built in the
+    inputs' dtype, solved in float64) by POT's network simplex; returns a LongTensor on ``x0``'s
+    device. Should the simplex stop short of a vertex (it has an iteration cap), the assignment
+    solver of scipy gives the same optimum.
     """
     _check_batch(x0, x1)
+    n = x0.shape[0]
     with torch.no_grad():
         cost = squared_distances(x1, x0).to("cpu", torch.float64).numpy()  # rows x1, columns x0
-    _, columns = linear_sum_assignment(cost)
+    weights = np.full(n, 1.0 / n)
+    columns = ot.emd(weights, weights, cost, numItermax=10_000_000).argmax(1)
+    if np.bincount(columns, minlength=n).max() != 1:
+        _, columns = linear_sum_assignment(cost)
     return torch.as_tensor(columns, dtype=torch.long).to(x0.device)
 
 
