@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from flowmatch.data import to_model_space
 from flowmatch.oracles import GaussianMixtureOracle, GaussianOracle
 from flowmatch.paths import CondOTSchedule, VPSchedule
 from flowmatch.solvers import bits_per_dim, log_likelihood, uniform_time_grid
@@ -131,14 +130,6 @@ def test_bits_per_dim_of_uniform_density_is_log2_levels():
     log_prob = torch.tensor([-d * math.log(2.0)])  # uniform on [-1, 1]^d
     assert bits_per_dim(log_prob, d, 256).item() == pytest.approx(8.0)
     assert bits_per_dim(log_prob, d, 17).item() == pytest.approx(math.log2(17))
-
-
-def test_dequantize_maps_levels_into_their_bins():
-    v = torch.arange(17).repeat(100)
-    u = torch.rand(v.shape, generator=torch.Generator().manual_seed(8))
-    y = to_model_space(v, 17, u)
-    lower, upper = 2 * v / 17 - 1, 2 * (v + 1) / 17 - 1
-    assert ((y >= lower) & (y < upper)).all() and y.min() >= -1 and y.max() < 1
 
 
 def test_bad_likelihood_arguments():
