@@ -163,6 +163,7 @@ def test_distill_from_a_teacher_run(run_dir, tmp_path, objective, capsys):
     assert main([*argv, "--max-steps", "10", *extra]) == 0
     run = load_run(out)
     assert run.config.objective.teacher == str(run_dir)
+    assert run.config.objective.warm_start  # distill starts from the teacher's weights
     assert run.is_flow_map == (objective == "lmd")
     if objective == "lmd":
         capsys.readouterr()
@@ -171,6 +172,13 @@ def test_distill_from_a_teacher_run(run_dir, tmp_path, objective, capsys):
         assert [r["nfe"] for r in report["teacher_euler"]] == [1, 2]
     else:
         assert (out / "reflow-pairs.safetensors").exists()
+
+
+def test_warm_start_without_a_teacher_is_a_one_line_error(tmp_path, capsys):
+    argv = ["train", "--preset", "gmm-flowmap", "--out", str(tmp_path / "r")]
+    assert main([*argv, "objective.warm_start=true"]) == 2
+    err = capsys.readouterr().err
+    assert "flowmatch distill" in err and len(err.strip().splitlines()) == 1
 
 
 def test_user_array_trains_with_a_validation_loss(tmp_path):
@@ -209,3 +217,13 @@ def test_conditional_digits_run_end_to_end(tmp_path, capsys):
     assert quality["extractor"] == "lenet-digits" and quality["frechet_distance"] > 0
     bpd = report["bits_per_dim"]
     assert bpd["n"] == 4 and 0 < bpd["bpd"] < 50
+    # A flow map distilled from it is evaluated beside the teacher's Euler steps.
+    fm = tmp_path / "digits-lmd"
+    argv = ["distill", "--teacher", str(out), "--objective", "lmd", "--out", str(fm)]
+    assert main([*argv, "--max-steps", "2", "train.batch_size=8"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(fm), "--steps", "1,2", "--n", "40", "--no-nll", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "flow_map"
+    assert [r["nfe"] for r in report["teacher_euler"]] == [1, 2]
+    assert all(r["frechet_distance"] > 0 for r in report["teacher_euler"])

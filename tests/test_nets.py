@@ -17,6 +17,7 @@ from flowmatch.nets import (
     drop_labels,
     unet_cifar10_paper,
     unet_mnist,
+    warm_start_from_velocity,
 )
 from flowmatch.nets.unet import AttentionBlock
 
@@ -146,6 +147,27 @@ def test_flow_map_is_identity_on_the_diagonal(backbone):
     t_minus_s = (t - s).view(-1, *[1] * (x.dim() - 1))
     torch.testing.assert_close(flow_map(x, s, t), x + t_minus_s * slope)
     torch.testing.assert_close(flow_map.velocity(x, t), flow_map.slope(x, t, t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "unet"])
+def test_warm_start_makes_the_flow_map_the_teachers_euler_step(backbone):
+    def make(num_times: int) -> nn.Module:
+        if backbone == "mlp":
+            return MLP(3, hidden=16, depth=2, num_times=num_times)
+        return UNet(**TINY_UNET, num_times=num_times)
+
+    teacher, flow_map = randomize(make(1), seed=1), randomize(FlowMapNet(make(2)), seed=2)
+    warm_start_from_velocity(flow_map, teacher)
+    shape = (4, 3) if backbone == "mlp" else (4, 1, 8, 8)
+    x, s, t = torch.randn(shape), torch.rand(4), torch.rand(4)
+    euler = x + (t - s).view(-1, *[1] * (x.dim() - 1)) * teacher(x, s)
+    assert teacher(x, s).abs().max() > 1e-2
+    torch.testing.assert_close(flow_map(x, s, t), euler)
+    torch.testing.assert_close(flow_map.velocity(x, t), teacher(x, t))
+    # The t - s inputs start at zero and are trained from there.
+    assert all(p.requires_grad for p in flow_map.parameters())
+    with pytest.raises(ValueError, match="teacher"):
+        warm_start_from_velocity(FlowMapNet(MLP(3, hidden=8, depth=2, num_times=2)), teacher)
 
 
 def test_flow_map_requires_two_time_backbone():

@@ -27,7 +27,14 @@ from flowmatch.losses import (
     MeanFlowObjective,
     SelfDistillationObjective,
 )
-from flowmatch.nets import MLP, FlowMapNet, GuidedVelocity, UNet, drop_labels
+from flowmatch.nets import (
+    MLP,
+    FlowMapNet,
+    GuidedVelocity,
+    UNet,
+    drop_labels,
+    warm_start_from_velocity,
+)
 from flowmatch.paths import (
     SCHEDULES,
     AffinePath,
@@ -219,6 +226,19 @@ def load_teacher(config: RunConfig) -> Run:
     if config.objective.teacher is None:
         raise ConfigError(f"objective {config.objective.name} needs objective.teacher=RUN_DIR")
     return load_run(config.objective.teacher)
+
+
+def warm_start(model: nn.Module, teacher: nn.Module) -> None:
+    """Copy the ``teacher`` velocity's weights into ``model``: the same network, or a flow map
+    whose backbone it is (:func:`~flowmatch.nets.warm_start_from_velocity`)."""
+    try:
+        if isinstance(model, FlowMapNet):
+            warm_start_from_velocity(model, teacher)
+        else:
+            model.load_state_dict(teacher.state_dict())
+    except (ValueError, RuntimeError) as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"objective.warm_start: {first} (objective.warm_start=false)") from None
 
 
 def reflow_source(config: RunConfig, teacher: Run, run_dir: str | Path) -> ReflowPairs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 
 from flowmatch import plotting
@@ -24,6 +25,18 @@ from flowmatch.evaluation import (
 from flowmatch.runs import Run, build_data, load_run
 
 
+def _quality_rows(
+    run: Run, method: str, counts: list, measure: Callable[[Run, str, int | None], dict]
+) -> dict:
+    """``quality`` rows of ``run`` at each step count; for a distilled flow map, also the
+    ``teacher_euler`` rows: the teacher's Euler solver at the same NFE."""
+    report = {"quality": [measure(run, method, s) for s in counts]}
+    if method == "flow_map" and run.config.objective.teacher is not None:
+        teacher = load_run(run.config.objective.teacher)
+        report["teacher_euler"] = [measure(teacher, "euler", s) for s in counts]
+    return report
+
+
 def _vector_report(run: Run, args: argparse.Namespace, method: str, counts: list) -> dict:
     data = build_data(run.config)
     if data.target is None:
@@ -32,14 +45,11 @@ def _vector_report(run: Run, args: argparse.Namespace, method: str, counts: list
             "has no target to compare with"
         )
     n = args.n or run.config.eval.samples
-    rows = [asdict(sample_quality(run, data.target, method, s, n, args.seed)) for s in counts]
-    report: dict = {"quality": rows, "metric": "energy"}
-    if method == "flow_map" and run.config.objective.teacher is not None:
-        # The teacher's Euler solver at the same NFE, beside the flow map's jumps.
-        teacher = load_run(run.config.objective.teacher)
-        report["teacher_euler"] = [
-            asdict(sample_quality(teacher, data.target, "euler", s, n, args.seed)) for s in counts
-        ]
+
+    def measure(of: Run, how: str, steps: int | None) -> dict:
+        return asdict(sample_quality(of, data.target, how, steps, n, args.seed))
+
+    report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
     if not args.no_nll:
         n_nll = run.config.eval.nll_samples
         report["likelihood"] = asdict(likelihood(run, data.target, n_nll, args.seed))
@@ -55,15 +65,15 @@ def _image_report(run: Run, args: argparse.Namespace, method: str, counts: list)
     cfg = run.config.data
     test = load_image_set(cfg.name, cfg.path, "test")
     n = args.n or run.config.eval.samples
-    rows = [
-        asdict(
+
+    def measure(of: Run, how: str, steps: int | None) -> dict:
+        return asdict(
             image_quality(
-                run, test.images, method, s, n, args.seed, args.guidance, args.inception_weights
+                of, test.images, how, steps, n, args.seed, args.guidance, args.inception_weights
             )
         )
-        for s in counts
-    ]
-    report: dict = {"quality": rows, "metric": "frechet_distance"}
+
+    report: dict = {"metric": "frechet_distance", **_quality_rows(run, method, counts, measure)}
     if not args.no_nll:
         bpd = bits_per_dim_of_run(run, ImageDataset(test), run.config.eval.nll_samples, args.seed)
         report["bits_per_dim"] = asdict(bpd)
@@ -119,7 +129,11 @@ def print_report(report: dict) -> None:
                 f"{r['precision']:>6.3f} {r['recall']:>6.3f}"
             )
     for r in report.get("teacher_euler", []):
-        print(f"teacher euler {r['steps']:>3} steps: energy {r['energy']:.5f}, W2 {r['w2']:.4f}")
+        if report["metric"] == "energy":
+            value = f"energy {r['energy']:.5f}, W2 {r['w2']:.4f}"
+        else:
+            value = f"FD {r['frechet_distance']:.3f}"
+        print(f"teacher euler {r['steps']:>3} steps: {value}")
     if "likelihood" in report:
         lik = report["likelihood"]
         exact = "" if lik["exact_nll"] is None else f", exact {lik['exact_nll']:.4f}"

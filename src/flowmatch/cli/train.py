@@ -23,6 +23,7 @@ from flowmatch.runs import (
     load_teacher,
     read_config,
     reflow_source,
+    warm_start,
     write_spec,
 )
 from flowmatch.training import train
@@ -79,13 +80,15 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
     """Build everything the config names and train it (any number of processes)."""
     data = build_data(config)
     source, teacher_velocity = data.train, None
+    model = build_model(config, data.spec)
     if config.objective.name in ("lmd", "emd", "pfmm", "reflow"):
         teacher = load_teacher(config)
         if config.objective.name == "reflow":
             source = reflow_source(config, teacher, run_dir)
         else:
             teacher_velocity = teacher.velocity()
-    model = build_model(config, data.spec)
+        if config.objective.warm_start:
+            warm_start(model, teacher.model)
     objective = build_objective(config, teacher_velocity)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
@@ -116,6 +119,7 @@ def distill_command(args: argparse.Namespace) -> None:
         name=args.objective,
         teacher=str(args.teacher),
         label_dropout=teacher.objective.label_dropout,
+        warm_start=True,
     )
     config = with_overrides(dataclasses.replace(teacher, objective=objective), list(args.overrides))
     run_training(finish_config(config, args, run_dir), run_dir, args.resume)

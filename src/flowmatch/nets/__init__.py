@@ -1,7 +1,7 @@
 """Networks: time and label embeddings, MLP, ADM-style U-Net, guidance, flow-map parametrisation."""
 
 from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
-from flowmatch.nets.flow_map import FlowMapNet
+from flowmatch.nets.flow_map import FlowMapNet, warm_start_from_velocity
 from flowmatch.nets.guidance import GuidedVelocity, drop_labels
 from flowmatch.nets.mlp import MLP
 from flowmatch.nets.unet import UNet, unet_cifar10_paper, unet_digits, unet_mnist
@@ -17,4 +17,5 @@ __all__ = [
     "unet_cifar10_paper",
     "unet_digits",
     "unet_mnist",
+    "warm_start_from_velocity",
 ]

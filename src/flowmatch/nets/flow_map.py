@@ -39,3 +39,25 @@ class FlowMapNet(nn.Module):
     def velocity(self, x: Tensor, t: Tensor, **model_kwargs: Tensor) -> Tensor:
         """``v(x, t, t)``, the diagonal: the instantaneous velocity at time ``t``."""
         return self.backbone(x, t, torch.zeros_like(t), **model_kwargs)
+
+
+@torch.no_grad()
+def warm_start_from_velocity(flow_map: FlowMapNet, velocity: nn.Module) -> None:
+    """Start ``flow_map`` at the teacher's Euler step: ``X(x, s, t) = x + (t - s) v(x, s)``.
+
+    ``velocity`` is the same backbone built with one time input. Every weight is copied; the
+    time-input layer, wider by the ``t - s`` features (its inputs are ``[..., emb(s),
+    emb(t - s)]``), takes the teacher's columns first and zeros for ``t - s``, so the slope
+    ``v(x, s, t)`` equals ``v(x, s)`` at every ``t`` before training.
+    """
+    target = flow_map.backbone.state_dict()
+    source = velocity.state_dict()
+    if set(target) != set(source):
+        raise ValueError("the teacher's network is not the flow map's backbone with one time input")
+    for name, weight in source.items():
+        slot = target[name]
+        same_rows = slot.shape[:-1] == weight.shape[:-1]
+        if slot.shape != weight.shape and not (same_rows and slot.shape[-1] > weight.shape[-1]):
+            raise ValueError(f"{name}: teacher {tuple(weight.shape)}, flow map {tuple(slot.shape)}")
+        slot.zero_()
+        slot[..., : weight.shape[-1]] = weight
