@@ -193,3 +193,52 @@ def test_labels_reach_the_model_and_edge_splits_run():
         objective = SelfDistillationObjective(PATH, diagonal_fraction=fraction)
         loss = objective(model, {"x1": x1}, 0, torch.Generator().manual_seed(0))
         assert loss.shape == (16,) and torch.isfinite(loss).all()
+
+
+def _loss_and_grads(model, objective, x1, autocast=False):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = objective(model, {"x1": x1}, 0, torch.Generator().manual_seed(3)).mean()
+    loss.backward()
+    return loss.detach().float(), [p.grad.clone() for p in model.parameters()]
+
+
+JVP_OBJECTIVES = ["lsd-learned", "esd", "meanflow", "lmd", "emd"]
+
+
+@pytest.mark.parametrize("name", JVP_OBJECTIVES)
+def test_jvp_objectives_under_bf16_autocast(name):
+    # The training loop's bf16 path: the forward (and jvp tangents) in bf16, 8 bits of mantissa.
+    x1 = torch.randn(256, 2, generator=torch.Generator().manual_seed(5))
+    model, objective = _flow_map_net(), OBJECTIVES[name]()
+    loss32, grads32 = _loss_and_grads(model, objective, x1)
+    loss16, grads16 = _loss_and_grads(model, objective, x1, autocast=True)
+    assert torch.isfinite(loss16) and all(g.isfinite().all() for g in grads16)
+    # bf16 rounding (2^-8 relative per operation) moves the loss by ~1 %, not by its size.
+    assert loss16 == pytest.approx(loss32.item(), rel=0.05)
+    flat32, flat16 = (
+        torch.cat([g.flatten() for g in grads32]),
+        torch.cat([g.flatten() for g in grads16]),
+    )
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.95
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", ["lsd-learned", "meanflow"])
+def test_jvp_objectives_through_a_compiled_model(name):
+    # The training loop compiles the network in place; the objective calls its methods (and jvp).
+    from torch._dynamo.utils import counters
+
+    x1 = torch.randn(64, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    model, objective = _flow_map_net().double(), OBJECTIVES[name]().double()
+    eager_loss, eager_grads = _loss_and_grads(model, objective, x1)
+    counters.clear()
+    model.compile()
+    loss, grads = _loss_and_grads(model, objective, x1)
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-9)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # LSD's diagonal term calls the network outside jvp: that call runs compiled. (MeanFlow
+    # calls it only under jvp, which TorchDynamo leaves to eager mode.)
+    assert (counters["stats"]["unique_graphs"] > 0) == (name == "lsd-learned")

@@ -11,6 +11,8 @@ the backbone's attention, if any, to the kernel that supports it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +30,12 @@ class FlowMapNet(nn.Module):
             backbone.jvp_safe_attention = True
         self.backbone = backbone
         self.null_label = getattr(backbone, "null_label", None)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the backbone in place (``nn.Module.compile``), which every method calls.
+        Calls under ``torch.func.jvp`` still run eagerly: TorchDynamo does not trace inside
+        functorch transforms."""
+        self.backbone.compile(*args, **kwargs)
 
     def slope(self, x: Tensor, s: Tensor, t: Tensor, **model_kwargs: Tensor) -> Tensor:
         """``v(x, s, t)``: the average velocity ``(X(x, s, t) - x) / (t - s)`` over ``[s, t]``."""

@@ -184,7 +184,7 @@ def _train(
     model.to(device).train()
     if isinstance(objective, nn.Module):
         objective.to(device)
-    step_module = _ObjectiveStep(torch.compile(model) if cfg.compile else model, objective)
+    step_module = _ObjectiveStep(model, objective)
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, far less overhead
         params,
@@ -199,7 +199,9 @@ def _train(
         ddp = DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)  # an eager copy, made before compiling
+    if cfg.compile:
+        model.compile()  # in place, so a flow map's methods call the compiled network too
 
     # Resume: every process reads the last checkpoint; rank 0 alone prepares the run folder.
     config_dict = config_to_dict(config)
