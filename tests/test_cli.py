@@ -220,7 +220,10 @@ def test_conditional_digits_run_end_to_end(tmp_path, capsys):
     # A flow map distilled from it is evaluated beside the teacher's Euler steps.
     fm = tmp_path / "digits-lmd"
     argv = ["distill", "--teacher", str(out), "--objective", "lmd", "--out", str(fm)]
-    assert main([*argv, "--max-steps", "2", "train.batch_size=8"]) == 0
+    assert (
+        main([*argv, "--max-steps", "2", "train.batch_size=8", "objective.teacher_guidance=2"]) == 0
+    )
+    assert load_run(fm).config.objective.teacher_guidance == 2.0  # the guided teacher's flow
     capsys.readouterr()
     assert main(["eval", str(fm), "--steps", "1,2", "--n", "40", "--no-nll", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -60,7 +60,10 @@ def generate(
         if not run.is_flow_map:
             raise ValueError("--solver flow_map needs a flow-map run; use an ODE solver")
         if guidance is not None:
-            raise ValueError("guidance is applied to velocities; use an ODE solver with it")
+            raise ValueError(
+                "guidance is applied to velocities: use an ODE solver with it, or distil the "
+                "guided teacher into the flow map (objective.teacher_guidance)"
+            )
         field, steps = run.model, steps or 1
     else:
         field = run.velocity(guidance)

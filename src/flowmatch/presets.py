@@ -93,6 +93,8 @@ class ObjectiveConfig:
     teacher_steps: int | None = None
     reflow_pairs: int = 20000
     reflow_mode: Literal["flow_matching", "one_step"] = "flow_matching"  # one_step: distil
+    teacher_guidance: float | None = None  # distillation: the teacher's guidance scale, so a
+    # conditional flow map learns the guided flow (guidance itself acts on velocities only)
     warm_start: bool = False  # distil / reflow: start from the teacher's weights (a flow map at
     # its Euler step); flowmatch distill turns it on
 
@@ -101,8 +103,9 @@ class ObjectiveConfig:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.diagonal_fraction < 1.0:
             raise ConfigError(f"diagonal_fraction must lie in [0, 1), got {self.diagonal_fraction}")
-        if self.warm_start and self.teacher is None:
-            raise ConfigError("objective.warm_start starts from a teacher: use flowmatch distill")
+        for key in ("warm_start", "teacher_guidance"):
+            if getattr(self, key) not in (None, False) and self.teacher is None:
+                raise ConfigError(f"objective.{key} needs a teacher: use flowmatch distill")
 
     @property
     def is_flow_map(self) -> bool:

@@ -86,7 +86,7 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
         if config.objective.name == "reflow":
             source = reflow_source(config, teacher, run_dir)
         else:
-            teacher_velocity = teacher.velocity()
+            teacher_velocity = teacher.velocity(config.objective.teacher_guidance)
         if config.objective.warm_start:
             warm_start(model, teacher.model)
     objective = build_objective(config, teacher_velocity)
