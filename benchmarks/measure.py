@@ -7,19 +7,20 @@ of every side is a pair in time; the report turns them into paired ratios with t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from flowmatch import solvers
-from flowmatch.metrics import energy_distance, wasserstein2
 
 from common import PeakRSS, build_net, interleaved, make_optimiser, seconds
 from sides import FlowMatch, Side
@@ -31,7 +32,8 @@ EVAL_SEED = 2000  # the source points and target samples every side is evaluated
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes of one run; ``--smoke`` shrinks every one of them."""
+    """Sizes of one run; a workload overrides some for a full run (``Workload.settings``) and
+    ``--smoke`` shrinks every one of them (``settings_for``)."""
 
     steps: int = 300
     repeats: int = 5
@@ -72,6 +74,13 @@ SMOKE = Settings(
 )
 
 
+def settings_for(workload: Workload, smoke: bool, overrides: dict[str, object]) -> Settings:
+    """``SMOKE``, or the defaults updated with the workload's own ``settings``; then
+    ``overrides`` (the command line's), which win over both."""
+    base = SMOKE if smoke else dataclasses.replace(Settings(), **workload.settings)
+    return dataclasses.replace(base, **overrides)
+
+
 class CountingNet(nn.Module):
     """Counts forward calls of ``net`` (the NFE a solver really spent); for untimed runs only."""
 
@@ -83,6 +92,14 @@ class CountingNet(nn.Module):
     def forward(self, x: Tensor, *times: Tensor) -> Tensor:
         self.calls += 1
         return self.net(x, *times)
+
+
+def pools(workload: Workload, steps: int, batch: int) -> Callable[[int], Tensor]:
+    """``pool(repeat)``: repeat ``repeat``'s batches (``Workload.data_pool`` from seed
+    ``DATA_SEED + repeat``), drawn on first use. Only the latest is kept: interleaved runs use
+    one repeat's pool at a time, so each is drawn once and the pools of other repeats never
+    sit in memory alongside it."""
+    return lru_cache(maxsize=1)(lambda repeat: workload.data_pool(steps, batch, DATA_SEED + repeat))
 
 
 @dataclass
@@ -104,7 +121,7 @@ def train_runs(
     """Train every ``label -> (side, coupling)`` for ``steps`` steps, ``repeats`` times,
     interleaved. Steps/s excludes the first tenth of the steps (at most 10: allocator and
     optimiser-state set-up); the final loss is the mean over the last tenth."""
-    pools = [workload.data_pool(steps, batch, DATA_SEED + r) for r in range(repeats)]
+    pool_of = pools(workload, steps, batch)
     warmup = min(10, steps // 10)
     final_loss: dict[str, list[float]] = {label: [] for label in variants}
     nets: dict[str, list[nn.Module]] = {label: [] for label in variants}
@@ -115,7 +132,7 @@ def train_runs(
         def run(repeat: int) -> float:
             net = build_net(workload.make_net, repeat)
             step = side.trainer(net, make_optimiser(net), coupling, seed=repeat)
-            pool, losses = pools[repeat], []
+            pool, losses = pool_of(repeat), []
             for k in range(warmup):
                 losses.append(step(pool[k]))
             elapsed = seconds(lambda: [losses.append(step(pool[k])) for k in range(warmup, steps)])
@@ -142,12 +159,12 @@ def training_loop_rates(
 
     batch = settings.batches(workload)[0]
     steps = settings.steps
-    pools = [workload.data_pool(steps, batch, DATA_SEED + r) for r in range(settings.repeats)]
+    pool_of = pools(workload, steps, batch)
 
     def hand_step(repeat: int) -> float:
         net = build_net(workload.make_net, repeat)
         step = side.trainer(net, make_optimiser(net), "independent", seed=repeat)
-        return steps / seconds(lambda: [step(x1) for x1 in pools[repeat]])
+        return steps / seconds(lambda: [step(x1) for x1 in pool_of(repeat)])
 
     def full_loop(repeat: int) -> float:
         net = build_net(workload.make_net, repeat)
@@ -156,7 +173,7 @@ def training_loop_rates(
             log_every=steps, checkpoint_every=steps, keep_checkpoints=1, device="cpu",
             num_threads=1,
         )  # fmt: skip
-        source = ArrayDataset(pools[repeat].reshape(-1, *workload.shape))
+        source = ArrayDataset(pool_of(repeat).reshape(-1, *workload.shape))
         run_dir = run_root / f"loop-{repeat}"
         objective = side.objective("independent")
         return steps / seconds(lambda: train(net, objective, source, config, run_dir))
@@ -166,10 +183,11 @@ def training_loop_rates(
 
 
 def eval_points(workload: Workload, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Source points ``x0``, and two independent target samples (for the metric's noise level)."""
+    """Source points ``x0: [n, *shape]``, the target set and a reference set of ``n`` each
+    (``Workload.eval_targets``; target against reference is the metric's noise level)."""
     generator = torch.Generator().manual_seed(EVAL_SEED)
     x0 = torch.randn(n, *workload.shape, generator=generator)
-    return x0, workload.sample(n, generator), workload.sample(n, generator)
+    return x0, *workload.eval_targets(n, generator)
 
 
 def sampling_rates(
@@ -196,9 +214,10 @@ def quality(
     euler_steps: tuple[int, ...],
     settings: Settings,
 ) -> dict[str, dict[str, list[float]]]:
-    """Energy distance and W2 of ``settings.eval_n`` samples against as many target points, for
+    """The workload's metrics of ``settings.eval_n`` samples against as many target points, for
     Euler at each step count and for dopri5, for each repeat's network. Keys ``euler-K`` and
-    ``dopri5``; each holds ``energy``, ``w2`` and the NFE actually spent (``nfe``) per repeat."""
+    ``dopri5``; each holds every metric (``energy`` and ``w2``, or ``fd`` and ``kid``) and the
+    NFE actually spent (``nfe``) per repeat."""
     x0, target, _ = eval_points(workload, settings.eval_n)
     out: dict[str, dict[str, list[float]]] = {}
     methods = [("euler", k) for k in euler_steps] + [("dopri5", None)]
@@ -208,11 +227,14 @@ def quality(
             key = method if steps is None else f"{method}-{steps}"
             counted.calls = 0
             samples = side.sampler(counted, method, steps, settings.tolerance)(x0)
-            entry = out.setdefault(key, {"energy": [], "w2": [], "nfe": []})
-            entry["energy"].append(float(energy_distance(samples, target)))
-            entry["w2"].append(float(wasserstein2(samples, target)))
-            entry["nfe"].append(counted.calls)
+            record(out.setdefault(key, {}), workload.metrics(samples, target), counted.calls)
     return out
+
+
+def record(entry: dict[str, list[float]], metrics: dict[str, float], nfe: int) -> None:
+    """Append one network's metrics and NFE to the per-repeat lists of ``entry``."""
+    for key, value in {**metrics, "nfe": nfe}.items():
+        entry.setdefault(key, []).append(value)
 
 
 def flow_map_study(side: FlowMatch, workload: Workload, settings: Settings) -> dict[str, object]:
@@ -236,20 +258,16 @@ def flow_map_study(side: FlowMatch, workload: Workload, settings: Settings) -> d
         for k in settings.flow_map_steps:
             counted.calls = 0
             samples = solvers.sample(counted, x0, "flow_map", steps=k)
-            entry = out.setdefault(f"flow_map-{k}", {"energy": [], "w2": [], "nfe": []})
-            entry["energy"].append(float(energy_distance(samples, target)))
-            entry["w2"].append(float(wasserstein2(samples, target)))
-            entry["nfe"].append(counted.calls)
+            entry = out.setdefault(f"flow_map-{k}", {})
+            record(entry, workload.metrics(samples, target), counted.calls)
     return {"quality": out, "steps_per_s": rates, "final_loss": final_loss}
 
 
 def metric_noise(workload: Workload, n: int) -> dict[str, float]:
-    """Energy distance and W2 between two independent target samples of size ``n``."""
+    """The workload's metrics between two independent target sets of size ``n`` (disjoint
+    held-out images for MNIST)."""
     _, target, reference = eval_points(workload, n)
-    return {
-        "energy": float(energy_distance(reference, target)),
-        "w2": float(wasserstein2(reference, target)),
-    }
+    return workload.metrics(reference, target)
 
 
 def likelihood_study(
@@ -323,7 +341,7 @@ def memory_probe(
     points) or ``likelihood`` (exact, dopri5, ``batch`` points).
     """
     net = build_net(workload.make_net, 0)
-    points = eval_points(workload, batch)[0]
+    points = torch.randn(batch, *workload.shape, generator=torch.Generator().manual_seed(EVAL_SEED))
     if task == "train":
         pool = workload.data_pool(steps, batch, DATA_SEED)
         step = side.trainer(net, make_optimiser(net), "independent", seed=0)

@@ -41,26 +41,30 @@ def rate_table(rates: dict[str, list[float]], unit: str) -> list[str]:
     return lines
 
 
-def quality_table(quality: dict[str, dict], noise: dict[str, float]) -> list[str]:
-    """Rows: solver settings; per side the median energy distance / W2 and the NFE spent."""
+def metric_cell(entry: dict[str, list[float]], labels: dict[str, str]) -> str:
+    """``m1 / m2 (NFE)``: the medians over repeats of the metrics in ``labels`` and the NFE."""
+    values = " / ".join(f"{statistics.median(entry[key]):.4g}" for key in labels)
+    return f"{values} ({statistics.median(entry['nfe']):g})"
+
+
+def quality_table(
+    quality: dict[str, dict], noise: dict[str, float] | None, labels: dict[str, str]
+) -> list[str]:
+    """Rows: solver settings; per side the median of each metric and the NFE spent; last, the
+    metrics between two target sets (the noise level), if given."""
     names = list(quality)
+    metric_names = " / ".join(labels.values())
     lines = [
-        "| method | " + " | ".join(f"{n}: energy / W2 (NFE)" for n in names) + " |",
+        "| method | " + " | ".join(f"{n}: {metric_names} (NFE)" for n in names) + " |",
         "|---|" + "---|" * len(names),
     ]
     methods = list(next(iter(quality.values())))
     for method in methods:
-        cells = []
-        for name in names:
-            entry = quality[name][method]
-            energy, w2 = (statistics.median(entry[k]) for k in ("energy", "w2"))
-            nfe = statistics.median(entry["nfe"])
-            cells.append(f"{energy:.4f} / {w2:.3f} ({nfe:g})")
+        cells = [metric_cell(quality[name][method], labels) for name in names]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append(
-        f"| target vs target (noise level) | {noise['energy']:.4f} / {noise['w2']:.3f} |"
-        + " |" * (len(names) - 1)
-    )
+    if noise is not None:
+        level = " / ".join(f"{noise[key]:.4g}" for key in labels)
+        lines.append(f"| target vs target (noise level) | {level} |" + " |" * (len(names) - 1))
     return lines
 
 
@@ -86,7 +90,7 @@ def likelihood_lines(study: dict) -> list[str]:
     return lines
 
 
-def ot_lines(ot: dict) -> list[str]:
+def ot_lines(ot: dict, labels: dict[str, str]) -> list[str]:
     rates = ot["steps_per_s"]
     lines = [f"Batch {ot['batch']}. Steps/s ratios, paired by repeat:", ""]
     lines += ["| variant | / same library's independent | / torchcfm exact OT |", "|---|---|---|"]
@@ -99,7 +103,7 @@ def ot_lines(ot: dict) -> list[str]:
         lines.append(f"| {label} | {own} | {cross} |")
     quality = ot["quality"]
     lines += ["", "Sample quality of each variant's networks (median over repeats):", ""]
-    lines += quality_table(quality, {"energy": float("nan"), "w2": float("nan")})[:-1]
+    lines += quality_table(quality, None, labels)
     lines += ["", "Final training loss (median): " + ", ".join(
         f"{k} {statistics.median(v):.3f}" for k, v in ot["final_loss"].items()
     )]  # fmt: skip
@@ -122,12 +126,10 @@ def memory_lines(memory: dict) -> list[str]:
     return lines
 
 
-def flow_map_lines(study: dict) -> list[str]:
-    lines = ["| jumps | energy / W2 (NFE) |", "|---|---|"]
+def flow_map_lines(study: dict, labels: dict[str, str]) -> list[str]:
+    lines = [f"| jumps | {' / '.join(labels.values())} (NFE) |", "|---|---|"]
     for method, entry in study["quality"].items():
-        energy, w2 = (statistics.median(entry[k]) for k in ("energy", "w2"))
-        nfe = statistics.median(entry["nfe"])
-        lines.append(f"| {method} | {energy:.4f} / {w2:.3f} ({nfe:g}) |")
+        lines.append(f"| {method} | {metric_cell(entry, labels)} |")
     lines += ["", f"Final loss (median) {statistics.median(study['final_loss']):.3f}; training "
               f"{statistics.median(study['steps_per_s']):.1f} steps/s (context only: a different "
               "network and loss)."]  # fmt: skip
@@ -139,12 +141,14 @@ def markdown(results: dict[str, dict]) -> str:
     that were not measured are left out."""
     lines: list[str] = []
     for name, res in results.items():
-        s = res["settings"]
+        s, labels = res["settings"], res["metrics"]
         lines += [f"## {name}", ""]
         lines += [f"{s['repeats']} interleaved repeats; {s['steps']} training steps per run at the "
                   "first batch size (its networks are the ones evaluated)."]  # fmt: skip
         for side, why in res["skipped"].items():
             lines.append(f"**Skipped: {side}** ({why}).")
+        for section, why in res["not_measured"].items():
+            lines.append(f"Not measured: {section} ({why}).")
         for batch, entry in res.get("train", {}).items():
             lines += ["", f"### Training steps/s, batch {batch} ({entry['steps']} steps)", ""]
             lines += rate_table(entry["steps_per_s"], "steps/s")
@@ -164,15 +168,16 @@ def markdown(results: dict[str, dict]) -> str:
             lines += ["", f"### Sampling throughput, Euler NFE {smp['nfe']}, {smp['n']} samples"]
             lines += ["", *rate_table(smp["samples_per_s"], "samples/s")]
         if "quality" in res:
-            lines += ["", "### Sample quality against NFE (energy distance / W2)", ""]
-            lines += quality_table(res["quality"], res["metric_noise"])
+            lines += ["", f"### Sample quality against NFE ({' / '.join(labels.values())}, "
+                      f"{s['eval_n']} samples)", ""]  # fmt: skip
+            lines += quality_table(res["quality"], res["metric_noise"], labels)
         if "flow_maps" in res:
             lines += ["", "### flowmatch flow maps (LSD self-distillation), quality per jumps", ""]
-            lines += flow_map_lines(res["flow_maps"])
+            lines += flow_map_lines(res["flow_maps"], labels)
         if "likelihood" in res:
             lines += ["", "### Likelihood", "", *likelihood_lines(res["likelihood"])]
         if "ot" in res:
-            lines += ["", "### Minibatch OT training", "", *ot_lines(res["ot"])]
+            lines += ["", "### Minibatch OT training", "", *ot_lines(res["ot"], labels)]
         if "memory" in res:
             where = "a fresh process" if s["memory_in_fresh_process"] else "this process"
             lines += ["", f"### Peak memory (each task in {where})", ""]
@@ -182,14 +187,15 @@ def markdown(results: dict[str, dict]) -> str:
 
 
 def plot_quality(res: dict, out: Path) -> None:
-    """``quality_<workload>_<metric>.png``: median metric against NFE, Euler curves per side,
-    dopri5 as one point at its median NFE, flowmatch's flow maps as a curve over jumps."""
+    """``quality_<workload>_<metric>.png`` for each metric (``energy``, ``w2``; ``fd``, ``kid``):
+    median metric against NFE, Euler curves per side, dopri5 as one point at its median NFE,
+    flowmatch's flow maps as a curve over jumps."""
     if "quality" not in res:
         return
     curves = dict(res["quality"])
     if "flow_maps" in res:
         curves["flowmatch"] = {**curves.get("flowmatch", {}), **res["flow_maps"]["quality"]}
-    for metric, label in (("energy", "energy distance"), ("w2", "W2")):
+    for metric, label in res["metrics"].items():
         table: dict[str, dict[int, float]] = {}
         for name, methods in curves.items():
             for method, entry in methods.items():

@@ -1,11 +1,14 @@
 """Benchmark flowmatch against torchcfm and Meta's flow_matching on identical workloads.
 
-    benchmarks/.venv/bin/python benchmarks/run.py [--workload checkerboard gmm] [--repeats 5]
-        [--steps 300] [--out benchmarks/results] [--smoke] [--profile]
+    benchmarks/.venv/bin/python benchmarks/run.py [--workload checkerboard gmm mnist]
+        [--repeats 5] [--steps 300] [--set eval_n=200 euler_steps=1,4] [--out benchmarks/results]
+        [--smoke] [--profile]
 
 Writes ``<out>/<workload>.json`` (raw repeats), ``<out>/report.md`` (ratio tables) and plots.
 Libraries that are not importable in the running interpreter are skipped and marked as such
 (``--smoke`` runs in the package's own venv, which has neither torchcfm nor flow_matching).
+Sizes: ``measure.Settings``, updated by the workload's own (``Workload.settings``), then by
+``--set``, ``--steps`` and ``--repeats``; ``--smoke`` starts from ``measure.SMOKE`` instead.
 Every process runs torch on one thread: the machine is shared.
 """
 
@@ -24,9 +27,9 @@ import torch
 
 import measure
 import report
-from measure import SMOKE, Settings
+from measure import Settings, settings_for
 from sides import SIDES, load_sides
-from workloads import WORKLOADS, Workload
+from workloads import WORKLOADS, DataMissing, Workload
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,15 +68,20 @@ def run_workload(
     """The chosen measurements of one workload; the raw per-repeat values, JSON-ready.
 
     ``sampling``, ``quality`` and ``likelihood`` use the networks of the first batch size's
-    training runs, so they run ``train`` at that batch size too.
+    training runs, so they run ``train`` at that batch size too. Sections the workload leaves
+    out (``Workload.unmeasured``) are listed under ``not_measured`` with the reason.
     """
     sides, skipped = load_sides(side_names)
+    unmeasured = workload.unmeasured()
     out: dict[str, object] = {
         "workload": workload.name,
         "settings": dataclasses.asdict(settings),
         "sides": list(sides),
         "skipped": skipped,
+        "not_measured": unmeasured,
+        "metrics": workload.metric_labels,
     }
+    sections = tuple(s for s in sections if s not in unmeasured)
     stamp = time.perf_counter()
 
     def log(what: str) -> None:
@@ -124,7 +132,7 @@ def run_workload(
         out["metric_noise"] = measure.metric_noise(workload, settings.eval_n)
         log("quality against NFE")
 
-    if "likelihood" in sections and workload.log_prob is not None:
+    if "likelihood" in sections:
         out["likelihood"] = measure.likelihood_study(
             sides, shared_net, own_nets, workload, settings
         )
@@ -155,18 +163,32 @@ def run_workload(
             out["ot"]["torchcfm_distinct_fraction"] = measure.ot_pair_reuse(settings.ot_batch, 0)
         log("minibatch OT")
 
-    if "flow_maps" in sections and "flowmatch" in sides and workload.make_flow_map is not None:
+    if "flow_maps" in sections and "flowmatch" in sides:
         out["flow_maps"] = measure.flow_map_study(sides["flowmatch"], workload, settings)
         log("flow maps")
 
     if "memory" in sections:
         tasks = [("train", b) for b in settings.batches(workload)]
         tasks.append(("sample", settings.sampling_n))
-        if workload.log_prob is not None:
+        if "likelihood" not in unmeasured:
             tasks.append(("likelihood", settings.likelihood_n))
         out["memory"] = measure.memory_study(sides, workload, tasks, settings)
         log("peak memory")
     return out
+
+
+def setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` for a field of ``Settings``, the value parsed as that field's type (a
+    tuple of ints is comma-separated: ``euler_steps=1,2,4``)."""
+    key, _, value = text.partition("=")
+    if key not in Settings.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{key!r} is not a field of measure.Settings")
+    kind = Settings.__dataclass_fields__[key].type  # its annotation, a string
+    if kind.startswith("tuple"):
+        return key, tuple(int(v) for v in value.split(","))
+    if kind == "bool":
+        return key, value.lower() in ("1", "true", "yes")
+    return key, {"int": int, "float": float}[kind](value)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, well under a minute")
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 5)")
     parser.add_argument("--steps", type=int, help="training steps per run (default 300)")
+    parser.add_argument("--set", nargs="+", type=setting, default=[], metavar="KEY=VALUE",
+                        help="any other field of measure.Settings")  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="measure only these; merged into existing results")  # fmt: skip
@@ -191,34 +215,41 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         name, task, batch, steps, tol = args.memory_probe
         side = load_sides([name])[0][name]
-        workload = WORKLOADS[args.workload[0]]
+        workload = WORKLOADS[args.workload[0]]()
         probe = measure.memory_probe(side, workload, task, int(batch), int(steps), float(tol))
         print(json.dumps(probe))
         return
 
-    settings = SMOKE if args.smoke else Settings()
-    overrides = {"repeats": args.repeats, "steps": args.steps}
-    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v})
+    try:  # before any run: missing data stop here, with the command that fetches them
+        workloads = {name: WORKLOADS[name]() for name in args.workload}
+    except DataMissing as error:
+        raise SystemExit(str(error)) from None
+    overrides = dict(args.set)
+    overrides.update({k: v for k, v in (("repeats", args.repeats), ("steps", args.steps)) if v})
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_note()
     results = {}
     sections = tuple(args.sections)
-    for name in args.workload:
+    for name, workload in workloads.items():
+        settings = settings_for(workload, args.smoke, overrides)
         path = args.out / f"{name}.json"
         merged = (
             json.loads(path.read_text()) if set(sections) != set(SECTIONS) and path.exists() else {}
         )
         merged.setdefault("machine", machine)
         merged.setdefault("runs", []).append({"date": machine["date"], "sections": sections})
-        merged.update(run_workload(WORKLOADS[name], args.sides, settings, sections))
+        merged.update(run_workload(workload, args.sides, settings, sections))
         results[name] = merged
         path.write_text(json.dumps(merged, indent=1))
         report.plot_quality(merged, args.out)
-    if args.profile:
-        import profiling
+        if args.profile:
+            import profiling
 
-        for name in args.workload:
-            profiling.profile_flowmatch(WORKLOADS[name], args.out / f"profile_{name}.txt")
+            profiling.profile_flowmatch(
+                workload, args.out / f"profile_{name}.txt",
+                batch=settings.batches(workload)[0], n=settings.sampling_n,
+                nfe=settings.sampling_nfe,
+            )  # fmt: skip
     text = report.markdown(results)
     (args.out / "report.md").write_text(text)
     print(text)

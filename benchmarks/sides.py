@@ -2,7 +2,8 @@
 
 Every side gets the same network, optimiser, data batch and seed; it uses its own code for the
 path, the loss target, the coupling and the ODE solve, written the way its documentation and
-examples do:
+examples do. Data are ``[B, *shape]`` (points ``[B, 2]`` or images ``[B, 1, 28, 28]``); every
+network takes ``t: [B]``.
 
 - ``bare``: no library code at all, the floor. ``x0`` and ``t`` come from plain ``torch.randn`` /
   ``torch.rand``, ``x_t = t x1 + (1 - t) x0``, target ``x1 - x0``.
@@ -78,7 +79,8 @@ class Bare(Side):
         def step(x1: Tensor) -> Tensor:
             x0 = torch.randn_like(x1)
             t = torch.rand(x1.shape[0])
-            x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+            t_x = t.reshape(-1, *(1,) * (x1.dim() - 1))  # [B, 1, ...]: broadcasts over x
+            x_t = t_x * x1 + (1 - t_x) * x0
             return optimiser_step(optimiser, ((net(x_t, t) - (x1 - x0)) ** 2).mean())
 
         return step
@@ -252,7 +254,8 @@ class MetaFlowMatching(Side):
         grid = torch.tensor([1.0, 0.0])
 
         def log_p0(x: Tensor) -> Tensor:
-            return -0.5 * (x**2).sum(1) - 0.5 * x.shape[1] * np.log(2 * np.pi)
+            dims = x[0].numel()
+            return -0.5 * x.flatten(1).square().sum(1) - 0.5 * dims * np.log(2 * np.pi)
 
         def run(x1: Tensor) -> Tensor:
             torch.manual_seed(seed)  # the Hutchinson probe comes from torch's global generator

@@ -1,15 +1,32 @@
 """The benchmark runner in ``--smoke`` mode, in this interpreter: it must run end to end, so the
-suite cannot rot. Libraries missing here (torchcfm, flow_matching) must be reported as skipped."""
+suite cannot rot. Libraries missing here (torchcfm, flow_matching) must be reported as skipped.
+The MNIST workload's code path runs on synthetic 28x28 images: no MNIST files, no network."""
 
+import dataclasses
+import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import torch
+
+from flowmatch.data.images import ImageData
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(name: str) -> ModuleType:
+    """A module of ``benchmarks/`` (they import their siblings by plain name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +82,79 @@ def test_smoke_measurements_are_consistent(smoke_run):
 
 
 def test_spread_verdict_needs_every_repeat():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import Spread, interleaved, paired_ratio
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    common = bench("common")
+    Spread, interleaved, paired_ratio = common.Spread, common.interleaved, common.paired_ratio
     assert paired_ratio([2.0, 3.0], [1.0, 2.0]).verdict() == ">1"
     assert paired_ratio([0.5, 0.9], [1.0, 1.0]).verdict() == "<1"
     assert Spread.of([0.9, 1.2, 1.1]).verdict() == "~1"
     order: list[str] = []
     interleaved({n: lambda r, n=n: order.append(n) or 1.0 for n in "ab"}, repeats=3)
     assert order == ["a", "b", "b", "a", "a", "b"]
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """Every section of ``run_workload`` on the MNIST workload built from synthetic images
+    (``image_workload``: same U-Net, pixel map, held-out split and LeNet metrics as MNIST)."""
+    run, measure, report = bench("run"), bench("measure"), bench("report")
+    generator = torch.Generator().manual_seed(0)
+
+    def images(n: int) -> ImageData:
+        pixels = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
+        return ImageData(images=pixels, labels=None, levels=256)
+
+    workload = bench("workloads").image_workload(images(256), images(64), name="images")
+    settings = dataclasses.replace(
+        measure.SMOKE,
+        steps=4,
+        sampling_n=16,
+        eval_n=16,
+        euler_steps=(1, 2),
+        flow_map_steps=(1,),
+        memory_steps=1,
+    )
+    res = run.run_workload(workload, list(bench("sides").SIDES), settings, run.SECTIONS)
+    out = tmp_path_factory.mktemp("bench-images")
+    report.plot_quality(res, out)
+    return res, report.markdown({"images": res}), out
+
+
+def test_image_workload_runs_every_side_on_images(image_run):
+    res, report, out = image_run
+    assert res["metrics"] == {"fd": "FD (lenet-mnist)", "kid": "KID (lenet-mnist)"}
+    assert {"loop", "ot", "likelihood"} <= set(res["not_measured"])
+    assert not {"loop", "ot", "likelihood"} & set(res)
+    for name in ("torchcfm", "flow_matching"):
+        assert (name in res["sides"]) == (importlib.util.find_spec(name) is not None)
+    losses = res["train"]["64"]["final_loss"]
+    assert losses["flowmatch"] == pytest.approx(losses["bare"], rel=1e-3)  # same draws, as gmm
+    for methods in (*res["quality"].values(), res["flow_maps"]["quality"]):
+        for method, entry in methods.items():
+            assert set(entry) == {"fd", "kid", "nfe"}
+            if method.startswith(("euler-", "flow_map-")):
+                assert set(entry["nfe"]) == {int(method.split("-")[1])}
+    # Random pixels: two disjoint held-out sets agree far better than 4-step models' samples.
+    assert res["metric_noise"]["fd"] < min(res["quality"]["flowmatch"]["euler-2"]["fd"])
+    assert set(res["memory"]) == {"train@64", "sample@16"}
+    assert "## images" in report and "Not measured: likelihood" in report
+    assert "FD (lenet-mnist) / KID (lenet-mnist)" in report
+    assert (out / "quality_images_fd.png").stat().st_size > 0
+
+
+def test_mnist_without_files_names_the_fetch_command(tmp_path):
+    env = {**os.environ, "FLOWMATCH_MNIST_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--workload", "mnist"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1
+    assert f"flowmatch data fetch mnist --dir {tmp_path}" in done.stderr
+
+
+def test_settings_on_the_command_line():
+    run = bench("run")
+    assert run.setting("euler_steps=1,4") == ("euler_steps", (1, 4))
+    assert run.setting("batch_sizes=64") == ("batch_sizes", (64,))
+    assert run.setting("tolerance=1e-3") == ("tolerance", 1e-3)
+    assert run.setting("memory_in_fresh_process=false") == ("memory_in_fresh_process", False)
