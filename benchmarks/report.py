@@ -136,18 +136,23 @@ def flow_map_lines(study: dict, labels: dict[str, str]) -> list[str]:
     return lines
 
 
+def metric_labels(res: dict) -> dict[str, str]:
+    """The quality metrics of a run's JSON (runs written before MNIST: the 2-D pair)."""
+    return res.get("metrics", {"energy": "energy distance", "w2": "W2"})
+
+
 def markdown(results: dict[str, dict]) -> str:
     """The report of every workload in ``results`` (workload name -> JSON of a run); sections
     that were not measured are left out."""
     lines: list[str] = []
     for name, res in results.items():
-        s, labels = res["settings"], res["metrics"]
+        s, labels = res["settings"], metric_labels(res)
         lines += [f"## {name}", ""]
         lines += [f"{s['repeats']} interleaved repeats; {s['steps']} training steps per run at the "
                   "first batch size (its networks are the ones evaluated)."]  # fmt: skip
         for side, why in res["skipped"].items():
             lines.append(f"**Skipped: {side}** ({why}).")
-        for section, why in res["not_measured"].items():
+        for section, why in res.get("not_measured", {}).items():
             lines.append(f"Not measured: {section} ({why}).")
         for batch, entry in res.get("train", {}).items():
             lines += ["", f"### Training steps/s, batch {batch} ({entry['steps']} steps)", ""]
@@ -195,7 +200,7 @@ def plot_quality(res: dict, out: Path) -> None:
     curves = dict(res["quality"])
     if "flow_maps" in res:
         curves["flowmatch"] = {**curves.get("flowmatch", {}), **res["flow_maps"]["quality"]}
-    for metric, label in res["metrics"].items():
+    for metric, label in metric_labels(res).items():
         table: dict[str, dict[int, float]] = {}
         for name, methods in curves.items():
             for method, entry in methods.items():

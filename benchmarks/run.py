@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
                 batch=settings.batches(workload)[0], n=settings.sampling_n,
                 nfe=settings.sampling_nfe,
             )  # fmt: skip
+    # The report covers every workload measured into this folder, not only this run's.
+    for path in sorted(args.out.glob("*.json")):
+        if path.stem in WORKLOADS and path.stem not in results:
+            results[path.stem] = json.loads(path.read_text())
     text = report.markdown(results)
     (args.out / "report.md").write_text(text)
     print(text)
