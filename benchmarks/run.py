@@ -104,7 +104,8 @@ def run_workload(
         }
         own_nets = own_nets or runs.nets  # quality and NLL use the first batch size's models
         log(f"training at batch {batch}")
-    shared_net = own_nets["bare"][0] if own_nets else None  # timing: one network for all sides
+    # Timing: one network for all sides (bare's, or the first side's when bare is not run).
+    shared_net = own_nets.get("bare", next(iter(own_nets.values())))[0] if own_nets else None
 
     if "loop" in sections and "flowmatch" in sides:
         with tempfile.TemporaryDirectory() as run_root:

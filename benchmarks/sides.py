@@ -129,8 +129,7 @@ class FlowMatch(Side):
 
     def flow_map_trainer(self, flow_map: nn.Module, seed: int) -> TrainStep:
         """Lagrangian self-distillation (``SelfDistillationObjective`` defaults: LSD, 3/4 of the
-        batch on the diagonal, learned loss weight) with the shared AdamW over the map and the
-        objective's loss-weight network."""
+        batch on the diagonal, no learned loss weight, as the presets) with the shared AdamW."""
         objective = SelfDistillationObjective(AffinePath(CondOTSchedule()))
         optimiser = make_optimiser(nn.ModuleList([flow_map, objective]))
         generator = torch.Generator().manual_seed(seed)

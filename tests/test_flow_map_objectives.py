@@ -77,7 +77,9 @@ def test_self_distillation_at_the_exact_map(float64, kind, both_orders):
     assert loss[48:].max() < 1e-20
     assert loss[:48].mean() > 0.1
     # With the learned weight at initialisation (w = 0) the loss is unchanged.
-    weighted = SelfDistillationObjective(PATH, kind=kind, both_orders=both_orders)
+    weighted = SelfDistillationObjective(
+        PATH, kind=kind, learned_weight=True, both_orders=both_orders
+    )
     again = weighted(oracle, batch, step=0, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(again, loss, atol=1e-12)
 
@@ -110,9 +112,11 @@ def _teacher():
 
 
 OBJECTIVES = {
-    "lsd-learned": lambda: SelfDistillationObjective(PATH, kind="lsd"),
+    "lsd-learned": lambda: SelfDistillationObjective(PATH, kind="lsd", learned_weight=True),
     "esd": lambda: SelfDistillationObjective(PATH, kind="esd", learned_weight=False),
-    "psd-uniform-both": lambda: SelfDistillationObjective(PATH, "psd-uniform", both_orders=True),
+    "psd-uniform-both": lambda: SelfDistillationObjective(
+        PATH, "psd-uniform", learned_weight=True, both_orders=True
+    ),
     "meanflow": lambda: MeanFlowObjective(PATH),
     "lmd": lambda: MapDistillationObjective(PATH, _teacher(), kind="lmd", learned_weight=True),
     "emd": lambda: MapDistillationObjective(PATH, _teacher(), kind="emd"),

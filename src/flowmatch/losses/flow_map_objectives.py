@@ -105,7 +105,7 @@ class SelfDistillationObjective(_FlowMapObjective):
         path: AffinePath,
         kind: SelfDistillationKind = "lsd",
         diagonal_fraction: float = 0.75,
-        learned_weight: bool = True,
+        learned_weight: bool = False,
         both_orders: bool = False,
     ) -> None:
         if kind not in ("lsd", "esd", "psd-mid", "psd-uniform"):
