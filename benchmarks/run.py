@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         merged.setdefault("machine", machine)
         merged.setdefault("runs", []).append({"date": machine["date"], "sections": sections})
-        merged.update(run_workload(workload, args.sides, settings, sections))
+        measured = run_workload(workload, args.sides, settings, sections)
+        # A partial run keeps the sides measured before it (its sections list its own).
+        measured["sides"] = list(dict.fromkeys([*merged.get("sides", []), *measured["sides"]]))
+        merged.update(measured)
         results[name] = merged
         path.write_text(json.dumps(merged, indent=1))
         report.plot_quality(merged, args.out)
