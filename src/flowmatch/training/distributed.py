@@ -7,6 +7,7 @@ runs the same code with ``world_size = 1`` and no group.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -59,7 +60,10 @@ def setup(device: str = "auto") -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
+    """Destroy the group ``setup`` created, after collecting the run's DDP wrapper: its reducer
+    holds the group, and a gloo group released only at interpreter exit can abort the process."""
     if ctx.owns_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
