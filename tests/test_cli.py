@@ -9,8 +9,8 @@ import torch
 
 import flowmatch
 from flowmatch.cli.main import main
-from flowmatch.presets import PRESETS
-from flowmatch.runs import load_run
+from flowmatch.presets import PRESETS, preset_config
+from flowmatch.runs import DataSpec, build_model, load_run
 from flowmatch.solvers import log_likelihood, sample
 
 TINY = ["model.hidden=32", "model.depth=2", "train.batch_size=64", "train.log_every=10"]
@@ -30,6 +30,13 @@ def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in PRESETS)
+
+
+def test_small_mnist_preset_builds_the_network_it_describes():
+    config = preset_config("mnist-small")
+    net = build_model(config, DataSpec((1, 28, 28), levels=256))
+    assert sum(p.numel() for p in net.parameters()) == 177_505  # "178k" in its description
+    assert "178k" in PRESETS["mnist-small"].description
 
 
 def test_train_writes_a_run_folder(run_dir):
