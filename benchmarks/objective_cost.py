@@ -19,8 +19,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from flowmatch.losses.flow_map_objectives import (
 from flowmatch.nets import FlowMapNet
 from flowmatch.paths import AffinePath, CondOTSchedule
 
-from common import PeakRSS, build_net, flow_map_mlp, make_optimiser, velocity_mlp
+from common import PeakRSS, build_net, flow_map_mlp, make_optimiser, seconds, velocity_mlp
 from workloads.mnist import small_unet
 
 NETS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[int, ...], int]] = {
@@ -74,21 +74,17 @@ def make_step(net_name: str, objective: str, seed: int = 0) -> Callable[[], Tens
     return step
 
 
-def time_steps(step: Callable[[], Tensor], count: int) -> float:
-    """Seconds per step over ``count`` steps."""
-    start = time.perf_counter()
+def run_steps(step: Callable[[], Tensor], count: int) -> None:
     for _ in range(count):
         step()
-    return (time.perf_counter() - start) / count
 
 
-def memory_probe(net_name: str, objective: str, count: int) -> dict[str, float]:
+def memory_probe(net_name: str, objective: str, count: int) -> float:
     """Peak RSS rise (MiB) of ``count`` steps in this process (run it in a fresh one)."""
     step = make_step(net_name, objective)
     with PeakRSS() as rss:
-        for _ in range(count):
-            step()
-    return {"before_mib": rss.before, "rise_mib": rss.peak - rss.before}
+        run_steps(step, count)
+    return rss.peak - rss.before
 
 
 def main() -> None:
@@ -103,18 +99,18 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.probe:
         net_name, objective, count = args.probe
-        print(json.dumps(memory_probe(net_name, objective, int(count))))
+        print(json.dumps(memory_probe(net_name, objective, int(count))))  # MiB
         return
     objectives = ["fm", *(o for o in args.objectives if o != "fm")]
     for net_name in args.net:
         steps = {name: make_step(net_name, name) for name in objectives}
         for step in steps.values():  # warm-up: first-call allocations, lazy initialisation
-            time_steps(step, 2)
+            run_steps(step, 2)
         ratios: dict[str, list[float]] = {name: [] for name in objectives}
         for _ in range(args.repeats):
-            seconds = {name: time_steps(step, args.steps) for name, step in steps.items()}
+            times = {name: seconds(partial(run_steps, s, args.steps)) for name, s in steps.items()}
             for name in objectives:
-                ratios[name].append(seconds[name] / seconds["fm"])
+                ratios[name].append(times[name] / times["fm"])
         print(f"\n{net_name}: step time / flow matching's, median [min-max] of {args.repeats}")
         print("| objective | step time / fm's | peak RSS rise, MiB |\n|---|---|---|")
         for name in objectives:
@@ -122,7 +118,7 @@ def main() -> None:
                 [sys.executable, __file__, "--probe", net_name, name, str(args.steps)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
-            rise = json.loads(probe.stdout)["rise_mib"]
+            rise = json.loads(probe.stdout)
             r = ratios[name]
             spread = f"{statistics.median(r):.2f} [{min(r):.2f}-{max(r):.2f}]"
             print(f"| {name} | {spread} | {rise:.1f} |")

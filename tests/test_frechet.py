@@ -180,16 +180,15 @@ def test_image_metrics_with_the_digits_extractor():
     extractor = load_feature_extractor("digits")
     train, test = load_digits("train"), load_digits("test")
     # uint8 images go in at their cell centres, the same as the float model-space input
+    features = extract_features(extractor, test.images)
     torch.testing.assert_close(
-        extract_features(extractor, test.images),
-        extract_features(extractor, to_model_space(test.images, test.levels)),
+        features, extract_features(extractor, to_model_space(test.images, test.levels))
     )
     same = image_metrics(test.images, test.images, extractor, kid_subset_size=100, kid_subsets=10)
     assert same.extractor == "lenet-digits" and same.num_samples == 297
     # Zero up to round-off, which the square roots amplify: an eigenvalue that is 0 in exact
     # arithmetic comes out ~eps * lambda_max, its root ~sqrt(eps * lambda_max), and there are at
     # most d of them (here ~3e-5; the value seen is 1e-7 to 1e-6, depending on BLAS threads).
-    features = extract_features(extractor, test.images)
     lambda_max = float(torch.linalg.eigvalsh(torch.cov(features.T)).max())
     round_off = features.shape[1] * math.sqrt(torch.finfo(torch.float64).eps * lambda_max)
     assert same.frechet_distance == pytest.approx(0, abs=round_off)
