@@ -101,9 +101,27 @@ def test_bad_config_is_a_one_line_error(argv, message, capsys, tmp_path):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_existing_run_needs_resume(run_dir, capsys):
-    assert main(["train", "--preset", "gmm", "--out", str(run_dir), *TINY]) == 2
+def test_existing_run_needs_resume_and_is_left_untouched(run_dir, capsys):
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    # Another data set into the same folder: refused before its spec.json is written.
+    assert main(["train", "--preset", "digits", "--out", str(run_dir)]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_init_from_starts_a_new_run_from_a_finished_runs_weights(run_dir, tmp_path, capsys):
+    out = tmp_path / "more"
+    argv = ["train", "--preset", "gmm", "--out", str(out), *TINY, f"model.init_from={run_dir}"]
+    # Two steps of lr 1e-20 move no weight by more than 1e-19: they stay those it started from.
+    constant = ["train.lr=1e-20", "train.lr_schedule=constant", "train.warmup_steps=0"]
+    assert main([*argv, "--max-steps", "2", *constant]) == 0
+    start, run = load_run(run_dir).model.state_dict(), load_run(out)
+    for name, weight in run.model.state_dict().items():
+        torch.testing.assert_close(weight, start[name], rtol=0, atol=1e-18)
+    capsys.readouterr()
+    assert main([*argv, "model.hidden=16", "--out", str(tmp_path / "wide")]) == 2
+    err = capsys.readouterr().err
+    assert "model.init_from" in err and "(32,) there, (16,) here" in err and len(err.strip().splitlines()) == 1
 
 
 def test_corrupt_or_foreign_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):

@@ -59,6 +59,8 @@ class ModelConfig:
     num_head_channels: int | None = None  # unet: fixes the head width (ADM) when given
     num_groups: int = 8  # unet: GroupNorm groups
     dropout: float = 0.0  # unet
+    init_from: str | None = None  # a run folder whose EMA weights start this network (to go on
+    # training a finished run under a new schedule or objective); the networks must match
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,23 @@ def warm_start(model: nn.Module, teacher: nn.Module) -> None:
         raise ConfigError(f"objective.warm_start: {first} (objective.warm_start=false)") from None
 
 
+def init_from_run(model: nn.Module, run_dir: str | Path) -> None:
+    """Copy the EMA weights of the run in ``run_dir`` (its last checkpoint) into ``model``."""
+    theirs, ours = load_run(run_dir).model.state_dict(), model.state_dict()
+
+    def shape(state: dict[str, Tensor], key: str) -> str:
+        return str(tuple(state[key].shape)) if key in state else "missing"
+
+    misfit = sorted(k for k in theirs.keys() | ours.keys() if shape(theirs, k) != shape(ours, k))
+    if misfit:
+        key = misfit[0]
+        raise ConfigError(
+            f"model.init_from: {run_dir} holds another network ({len(misfit)} tensors differ; "
+            f"{key}: {shape(theirs, key)} there, {shape(ours, key)} here): use its model settings"
+        )
+    model.load_state_dict(theirs)
+
+
 def reflow_source(config: RunConfig, teacher: Run, run_dir: str | Path) -> ReflowPairs:
     """The teacher's (noise, sample) pairs, generated once from ``train.seed`` and cached in
     ``run_dir/reflow-pairs``."""

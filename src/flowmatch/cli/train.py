@@ -20,6 +20,7 @@ from flowmatch.runs import (
     build_data,
     build_model,
     build_objective,
+    init_from_run,
     load_teacher,
     read_config,
     reflow_source,
@@ -27,6 +28,7 @@ from flowmatch.runs import (
     write_spec,
 )
 from flowmatch.training import train
+from flowmatch.training.checkpoint import checkpoint_to_resume
 from flowmatch.training.config import ConfigError
 from flowmatch.training.distributed import world_size_from_env
 
@@ -78,6 +80,7 @@ def plot_losses(run_dir: Path) -> None:
 
 def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
     """Build everything the config names and train it (any number of processes)."""
+    checkpoint_to_resume(run_dir, resume)  # refuse before the run folder is touched
     data = build_data(config)
     source, teacher_velocity = data.train, None
     model = build_model(config, data.spec)
@@ -87,8 +90,10 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
             source = reflow_source(config, teacher, run_dir)
         else:
             teacher_velocity = teacher.velocity(config.objective.teacher_guidance)
-        if config.objective.warm_start:
+        if config.objective.warm_start and config.model.init_from is None:
             warm_start(model, teacher.model)
+    if config.model.init_from is not None:
+        init_from_run(model, config.model.init_from)
     objective = build_objective(config, teacher_velocity)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:

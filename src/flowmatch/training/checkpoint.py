@@ -61,6 +61,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_to_resume(run_dir: str | Path, resume: bool) -> Path | None:
+    """``latest_checkpoint(run_dir)`` if ``resume``; raises ``FileExistsError`` if a run that is
+    not resumed would write over checkpoints."""
+    last = latest_checkpoint(run_dir)
+    if last is not None and not resume:
+        raise FileExistsError(
+            f"{run_dir} already has checkpoints; pass --resume to continue it or use a new folder"
+        )
+    return last
+
+
 def prune_checkpoints(directory: str | Path, keep: int | None) -> None:
     """Delete all but the ``keep`` newest checkpoints (all are kept if ``keep`` is None)."""
     if keep is not None:

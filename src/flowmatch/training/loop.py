@@ -36,7 +36,7 @@ from flowmatch.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     checkpoint_path,
-    latest_checkpoint,
+    checkpoint_to_resume,
     load_checkpoint,
     prune_checkpoints,
     remove_temporaries,
@@ -205,11 +205,7 @@ def _train(
 
     # Resume: every process reads the last checkpoint; rank 0 alone prepares the run folder.
     config_dict = config_to_dict(config)
-    last_checkpoint = latest_checkpoint(run.root)
-    if last_checkpoint is not None and not resume:
-        raise FileExistsError(
-            f"{run.root} already has checkpoints; pass --resume to continue it or use a new folder"
-        )
+    last_checkpoint = checkpoint_to_resume(run.root, resume)
     step = 0
     if last_checkpoint is not None:
         prefix = "" if isinstance(config, TrainConfig) else "train."
