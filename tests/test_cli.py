@@ -121,7 +121,8 @@ def test_init_from_starts_a_new_run_from_a_finished_runs_weights(run_dir, tmp_pa
     capsys.readouterr()
     assert main([*argv, "model.hidden=16", "--out", str(tmp_path / "wide")]) == 2
     err = capsys.readouterr().err
-    assert "model.init_from" in err and "(32,) there, (16,) here" in err and len(err.strip().splitlines()) == 1
+    assert "model.init_from" in err and "(32,) there, (16,) here" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_corrupt_or_foreign_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
