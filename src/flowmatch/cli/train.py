@@ -80,7 +80,8 @@ def plot_losses(run_dir: Path) -> None:
 
 def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
     """Build everything the config names and train it (any number of processes)."""
-    checkpoint_to_resume(run_dir, resume)  # refuse before the run folder is touched
+    # Refuse before the run folder is touched; a resumed run takes its weights from its checkpoint.
+    fresh = checkpoint_to_resume(run_dir, resume) is None
     data = build_data(config)
     source, teacher_velocity = data.train, None
     model = build_model(config, data.spec)
@@ -90,9 +91,9 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
             source = reflow_source(config, teacher, run_dir)
         else:
             teacher_velocity = teacher.velocity(config.objective.teacher_guidance)
-        if config.objective.warm_start and config.model.init_from is None:
+        if fresh and config.objective.warm_start and config.model.init_from is None:
             warm_start(model, teacher.model)
-    if config.model.init_from is not None:
+    if fresh and config.model.init_from is not None:
         init_from_run(model, config.model.init_from)
     objective = build_objective(config, teacher_velocity)
     main_process = int(os.environ.get("RANK", "0")) == 0
