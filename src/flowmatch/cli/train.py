@@ -83,7 +83,7 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
     # Refuse before the run folder is touched; a resumed run takes its weights from its checkpoint.
     fresh = checkpoint_to_resume(run_dir, resume) is None
     data = build_data(config)
-    source, teacher_velocity = data.train, None
+    source, teacher, teacher_velocity = data.train, None, None
     model = build_model(config, data.spec)
     if config.objective.name in ("lmd", "emd", "pfmm", "reflow"):
         teacher = load_teacher(config)
@@ -91,10 +91,11 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> None:
             source = reflow_source(config, teacher, run_dir)
         else:
             teacher_velocity = teacher.velocity(config.objective.teacher_guidance)
-        if fresh and config.objective.warm_start and config.model.init_from is None:
-            warm_start(model, teacher.model)
+    # The starting weights: another run's, else the teacher's (objective.warm_start), else random.
     if fresh and config.model.init_from is not None:
         init_from_run(model, config.model.init_from)
+    elif fresh and teacher is not None and config.objective.warm_start:
+        warm_start(model, teacher.model)
     objective = build_objective(config, teacher_velocity)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
