@@ -16,7 +16,12 @@ from flowmatch.training import (
     load_checkpoint,
     save_checkpoint,
 )
-from flowmatch.training.checkpoint import checkpoint_path, prune_checkpoints
+from flowmatch.training.checkpoint import (
+    RESUMABLE_KEYS,
+    checkpoint_path,
+    prune_checkpoints,
+    resume_conflicts,
+)
 
 
 def make_checkpoint(step: int = 3) -> Checkpoint:
@@ -114,7 +119,9 @@ def test_foreign_safetensors_and_missing_files_raise(tmp_path):
     save_file({"weight": torch.zeros(2)}, foreign, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="not a flowmatch checkpoint"):
         load_checkpoint(foreign)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot read .*missing.safetensors: it does not exist"
+    ):
         load_checkpoint(tmp_path / "missing.safetensors")
 
 
@@ -122,10 +129,27 @@ def test_config_mismatch_raises_and_names_the_keys(tmp_path):
     path = tmp_path / "ckpt-000003.safetensors"
     save_checkpoint(path, make_checkpoint())
     config = {"lr": 2e-3, "betas": [0.8, 0.9], "model": {"hidden": 3}}
-    with pytest.raises(CheckpointError, match=r"another config: lr: 0\.001 != 0\.002"):
+    with pytest.raises(CheckpointError, match=r"another config: lr: 0\.001 there, 0\.002 here"):
         load_checkpoint(path, expected_config=config)
     config["model"]["hidden"] = 4
-    with pytest.raises(CheckpointError, match=r"model\.hidden: 3 != 4"):
-        load_checkpoint(path, expected_config=config, may_differ=("lr",))
-    config["model"]["hidden"] = 3
-    assert load_checkpoint(path, expected_config=config, may_differ=("lr",)).step == 3
+    with pytest.raises(CheckpointError, match=r"model\.hidden: 3 there, 4 here"):
+        load_checkpoint(path, expected_config=config)
+
+
+def test_the_resume_rule_frees_only_the_train_keys_that_keep_the_stream():
+    stored = {"train": {"lr": 1e-3, "log_every": 10, "device": "cpu"}, "data": {"name": "a"}}
+    free = {"train": {"lr": 1e-3, "log_every": 5, "device": "cuda"}, "data": {"name": "a"}}
+    assert resume_conflicts(stored, free) == []
+    changed = {"train": {"lr": 2e-3, "log_every": 10, "device": "cpu"}, "data": {"name": "b"}}
+    assert resume_conflicts(stored, changed) == [
+        "data.name: 'a' there, 'b' here",
+        "train.lr: 0.001 there, 0.002 here",
+    ]
+    assert {
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.val_every",
+        "train.device",
+        "train.num_threads",
+    } == RESUMABLE_KEYS

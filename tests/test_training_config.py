@@ -102,7 +102,7 @@ def test_nested_errors_name_the_section():
         apply_overrides(RunConfig(), ["model=3"])
     with pytest.raises(ConfigError, match=r"train\.lr must be float"):
         apply_overrides(RunConfig(), ["train.lr=x"])
-    with pytest.raises(ConfigError, match=r"train\.steps must be >= 1"):
+    with pytest.raises(ConfigError, match=r"train\.steps must lie in \[1, "):
         apply_overrides(RunConfig(), ["train.steps=0"])
 
 
@@ -129,6 +129,37 @@ def test_from_dict_rejects_unknown_keys_and_wrong_types():
     assert config_from_dict(RunConfig, {}) == RunConfig()
 
 
-def test_micro_batches():
-    assert TrainConfig(batch_size=256).micro_batches == 1
-    assert TrainConfig(batch_size=256, micro_batch_size=32).micro_batches == 8
+def test_micro_batch_size_splits_the_global_batch():
+    assert TrainConfig(batch_size=256).micro_size() == 256
+    assert TrainConfig(batch_size=256).micro_size(world_size=2) == 128
+    assert TrainConfig(batch_size=256, micro_batch_size=32).micro_size(world_size=2) == 32
+    with pytest.raises(ConfigError, match="does not split over 3 processes"):
+        TrainConfig(batch_size=256).micro_size(world_size=3)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "seed=-1",
+        "seed=1e30",
+        "steps=0",
+        "batch_size=0",
+        "batch_size=1e12",
+        "lr=0",
+        "lr=inf",
+        "lr=nan",
+        "eps=inf",
+        "weight_decay=-1",
+        "betas=0.9,1.0",
+        "ema_decay=1",
+        "warmup_steps=-1",
+        "grad_clip=0",
+        "grad_clip=inf",
+        "log_every=0",
+        "num_threads=0",
+        "device=bogus",
+    ],
+)
+def test_train_values_out_of_range_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        apply_overrides(TrainConfig(), [override])

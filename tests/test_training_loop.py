@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -168,7 +167,7 @@ def test_non_finite_values_stop_training_and_keep_the_last_good_checkpoint(tmp_p
     # the loss finite but the weights NaN: the check before writing checkpoint 10 catches it.
     cfg = config(steps=20, log_every=5 if where == "loss" else 10, checkpoint_every=5)
     objective = NaNAt(7 if where == "loss" else 9, where)
-    with pytest.raises(TrainingDiverged, match=r"at step 10 .*ckpt-000005") as error:
+    with pytest.raises(TrainingDiverged, match=r"at step 10: .*not finite.*ckpt-000005") as error:
         train(linear_model(), objective, RegressionSource(), cfg, tmp_path)
     assert error.value.step == 10
     assert latest_checkpoint(tmp_path).name == "ckpt-000005.safetensors"
@@ -188,7 +187,7 @@ def test_run_folder_metrics_and_validation_on_the_ema_model(tmp_path, capsys):
     cfg = config(steps=8, log_every=2, val_every=4, checkpoint_every=8)
     result = train(model, objective, source, cfg, tmp_path, validate=validate)
     assert seen == [result.ema.module, result.ema.module] and result.val_loss == 0.25
-    assert json.loads((tmp_path / "config.json").read_text()) == config_to_dict(cfg)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"train": config_to_dict(cfg)}
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["world_size"] == 1 and meta["versions"]["torch"] == torch.__version__
     assert {"start_time", "command", "git_commit"} <= meta.keys()
@@ -241,42 +240,47 @@ def test_resume_checks_the_config_and_a_fresh_start_refuses_old_checkpoints(tmp_
     train(model, objective, source, config(steps=4), tmp_path)
     with pytest.raises(FileExistsError, match="already has checkpoints"):
         train(*make_problem(), config(steps=4), tmp_path)
-    with pytest.raises(CheckpointError, match=r"another config: lr: 0\.01 != 0\.02"):
+    with pytest.raises(
+        CheckpointError, match=r"another config: train\.lr: 0\.01 there, 0\.02 here"
+    ):
         train(*make_problem(), config(steps=4, lr=2e-2), tmp_path, resume=True)
     # Logging and checkpoint intervals may change; a finished run has nothing left to do.
     result = train(*make_problem(), config(steps=4, log_every=1), tmp_path, resume=True)
     assert result.step == 4 and result.loss is None
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="the model state lacks bias; it belongs to another"):
         train(nn.Linear(2, 3), make_problem()[1], make_problem()[2], config(steps=4), tmp_path,
               resume=True)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class ModelSection:
-    hidden: int = 16
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def test_a_composed_run_config_is_saved_whole_and_checked_on_resume(tmp_path):
-    run = RunConfig(train=config(steps=4))
-    train(*make_problem(), run, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text()) == config_to_dict(run)
+def test_the_callers_context_is_saved_whole_and_checked_on_resume(tmp_path):
+    cfg, context = config(steps=4), {"model": {"hidden": 16}}
+    train(*make_problem(), cfg, tmp_path, context=context)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved == {"train": config_to_dict(cfg), "model": {"hidden": 16}}
     assert load_checkpoint(latest_checkpoint(tmp_path)).config["model"] == {"hidden": 16}
-    # The train section's logging interval may change on resume, the model section may not.
-    train(*make_problem(), apply_overrides(run, ["train.log_every=1"]), tmp_path, resume=True)
-    with pytest.raises(CheckpointError, match=r"model\.hidden: 16 != 32"):
-        train(*make_problem(), apply_overrides(run, ["model.hidden=32"]), tmp_path, resume=True)
+    # The train section's logging interval may change on resume, the context may not.
+    more_logs = apply_overrides(cfg, ["log_every=1"])
+    train(*make_problem(), more_logs, tmp_path, resume=True, context=context)
+    with pytest.raises(CheckpointError, match=r"model\.hidden: 16 there, 32 here"):
+        train(*make_problem(), cfg, tmp_path, resume=True, context={"model": {"hidden": 32}})
+    with pytest.raises(ValueError, match="must not have a 'train' section"):
+        train(*make_problem(), cfg, tmp_path / "other", context={"train": {}})
 
 
 def test_micro_batches_must_split_evenly_over_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is joined
-    with pytest.raises(ConfigError, match="4 micro-batches per step cannot be split over 3"):
+    with pytest.raises(
+        ConfigError, match="batch_size 8 in micro-batches of 2 does not split over 3"
+    ):
         train(*make_problem(), config(batch_size=8, micro_batch_size=2), tmp_path)
+    with pytest.raises(ConfigError, match=r"batch_size 8 .* does not split over 3 processes"):
+        train(*make_problem(), config(batch_size=8), tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_without_micro_batch_size_each_process_takes_its_share():
+    assert config(batch_size=512).micro_size(world_size=4) == 128
+    assert config(batch_size=512, micro_batch_size=64).micro_size(world_size=4) == 64
 
 
 @pytest.mark.slow  # 15-30 s: inductor compiles C++ kernels on the CPU

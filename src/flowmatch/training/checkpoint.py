@@ -10,10 +10,9 @@ tensor's bytes, so that a corrupt file is refused rather than silently loaded.
 from __future__ import annotations
 
 import json
-import os
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,9 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 from torch import Tensor
+
+from flowmatch.training.config import TrainConfig, may_change_on_resume
+from flowmatch.training.files import RunFileError, atomic_write, read_bytes
 
 FORMAT = "flowmatch.checkpoint/1"
 _NAME = re.compile(r"ckpt-(\d+)\.safetensors")
@@ -40,6 +42,9 @@ class Checkpoint:
     ema: dict[str, Tensor]
     optimizer: dict[str, Any]  # a torch optimizer state_dict
     objective: dict[str, Any]  # the objective's state_dict: tensors, numbers, strings
+    # The open logging window: its summed loss and the step logged last (metrics of a resumed
+    # run equal those of the uninterrupted one).
+    log_window: dict[str, float] = field(default_factory=dict)
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -67,7 +72,7 @@ def checkpoint_to_resume(run_dir: str | Path, resume: bool) -> Path | None:
     last = latest_checkpoint(run_dir)
     if last is not None and not resume:
         raise FileExistsError(
-            f"{run_dir} already has checkpoints; pass --resume to continue it or use a new folder"
+            f"{run_dir} already has checkpoints: resume it, or train into a new folder"
         )
     return last
 
@@ -77,34 +82,6 @@ def prune_checkpoints(directory: str | Path, keep: int | None) -> None:
     if keep is not None:
         for path in list_checkpoints(directory)[:-keep]:
             path.unlink()
-
-
-def remove_temporaries(directory: str | Path) -> None:
-    """Delete the temporary files an interrupted atomic write left behind."""
-    directory = Path(directory)
-    if directory.is_dir():
-        for path in directory.glob(".*.tmp-*"):
-            path.unlink(missing_ok=True)
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either its old content or all of ``data``.
-
-    A temporary file in the same directory is flushed and fsynced, renamed over ``path``
-    (atomic on POSIX), and the directory is fsynced so that the rename itself survives a crash.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
@@ -139,6 +116,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
                     "scalars": optimizer_scalars,
                 },
                 "objective": objective_scalars,
+                "log_window": checkpoint.log_window,
             }
         )
     except TypeError as error:
@@ -147,22 +125,18 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
-def load_checkpoint(
-    path: str | Path,
-    expected_config: dict[str, Any] | None = None,
-    may_differ: tuple[str, ...] = (),
-) -> Checkpoint:
+def load_checkpoint(path: str | Path, expected_config: dict[str, Any] | None = None) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU.
 
-    If ``expected_config`` is given, the checkpoint's config must equal it except for the dotted
-    keys in ``may_differ``. Raises ``CheckpointError`` if the file is unreadable, truncated,
-    corrupt, not a flowmatch checkpoint, or written with another config.
+    If ``expected_config`` is given, the checkpoint's config must agree with it under the
+    resume rule (:func:`resume_conflicts`). Raises ``CheckpointError`` if the file is
+    unreadable, truncated, corrupt, not a flowmatch checkpoint, or written with another config.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
+        data = read_bytes(path)
+    except RunFileError as error:
+        raise CheckpointError(str(error)) from None
     try:
         header_size = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
@@ -181,12 +155,66 @@ def load_checkpoint(
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} is malformed: {error!r}") from None
     if expected_config is not None:
-        differences = config_differences(checkpoint.config, expected_config, may_differ)
-        if differences:
-            raise CheckpointError(
-                f"{path} was written with another config: {'; '.join(differences)}"
-            )
+        conflicts = resume_conflicts(checkpoint.config, expected_config)
+        if conflicts:
+            raise CheckpointError(f"{path} was written with another config: {'; '.join(conflicts)}")
     return checkpoint
+
+
+def check_state(path: Path, name: str, got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    """``CheckpointError`` unless ``got`` has exactly ``want``'s tensors, each of the same shape
+    and dtype and finite."""
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    if missing or extra:
+        which = f"lacks {missing[0]}" if missing else f"has an unknown tensor {extra[0]}"
+        raise CheckpointError(f"{path}: the {name} state {which}; it belongs to another network")
+    for key, tensor in got.items():
+        _check_tensor(path, f"{name}/{key}", tensor, want[key])
+
+
+def check_optimizer_state(
+    path: Path, state: dict[str, Any], optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    """``CheckpointError`` unless the optimizer ``state`` fits ``optimizer``: its groups hold the
+    same parameters, and each parameter's state (present for those updated so far; after
+    ``step > 0`` steps, at least one) has tensors of the parameter's shape and dtype, finite,
+    and a step count in ``[1, step]``."""
+    groups, mine = state.get("param_groups"), optimizer.state_dict()
+    theirs = [g.get("params") if isinstance(g, dict) else None for g in groups or [None]]
+    if not isinstance(groups, list) or theirs != [g["params"] for g in mine["param_groups"]]:
+        raise CheckpointError(f"{path}: the optimizer's parameter groups belong to another network")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    entries = state.get("state", {})
+    if step > 0 and not entries:
+        raise CheckpointError(f"{path}: the optimizer state is empty after {step} steps")
+    for index, entry in entries.items():
+        if not (isinstance(index, int) and 0 <= index < len(params)) or not isinstance(entry, dict):
+            raise CheckpointError(f"{path}: optimizer state {index!r} belongs to no parameter")
+        if not {"exp_avg", "exp_avg_sq", "step"} <= entry.keys():
+            raise CheckpointError(f"{path}: the optimizer state of parameter {index} is incomplete")
+        for name in ("exp_avg", "exp_avg_sq"):
+            _check_tensor(path, f"optimizer/{index}/{name}", entry[name], params[index].detach())
+        counted = entry["step"]
+        scalar = isinstance(counted, int | float) or (
+            isinstance(counted, Tensor) and counted.numel() == 1
+        )
+        counted = float(counted) if scalar else None
+        if counted is None or not 1 <= counted <= step:
+            raise CheckpointError(
+                f"{path}: optimizer/{index}/step is {counted}, outside [1, {step}]"
+            )
+
+
+def _check_tensor(path: Path, name: str, got: Any, want: Tensor) -> None:
+    if not isinstance(got, Tensor):
+        raise CheckpointError(f"{path}: {name} is not a tensor")
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise CheckpointError(
+            f"{path}: {name} is {got.dtype} {tuple(got.shape)}, the network needs "
+            f"{want.dtype} {tuple(want.shape)}"
+        )
+    if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+        raise CheckpointError(f"{path}: {name} holds non-finite values")
 
 
 def _unflatten(state: dict[str, Any], tensors: dict[str, Tensor]) -> Checkpoint:
@@ -217,18 +245,26 @@ def _unflatten(state: dict[str, Any], tensors: dict[str, Tensor]) -> Checkpoint:
         ema=groups["ema"],
         optimizer={"state": optimizer_state, "param_groups": param_groups},
         objective={**groups["objective"], **state["objective"]},
+        log_window=dict(state.get("log_window", {})),
     )
 
 
-def config_differences(
-    stored: dict[str, Any], current: dict[str, Any], may_differ: tuple[str, ...] = ()
-) -> list[str]:
-    """``"key: stored != current"`` for each dotted key whose values differ."""
+RESUMABLE_KEYS = frozenset(may_change_on_resume(TrainConfig, prefix="train."))
+
+
+def resume_conflicts(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The resume rule: ``"key: stored there, current here"`` for each dotted key whose value
+    differs, except the ``train`` keys that do not alter the stream of updates
+    (``RESUMABLE_KEYS``: logging, checkpointing, validation, device, threads).
+
+    Both configs are dicts of the form ``{"train": TrainConfig dict, **other sections}``; the
+    other sections (what the caller recorded about data, network and objective) must agree.
+    """
     a, b = _flatten(stored), _flatten(current)
     return [
-        f"{key}: {a.get(key, '<missing>')!r} != {b.get(key, '<missing>')!r}"
+        f"{key}: {a.get(key, '<missing>')!r} there, {b.get(key, '<missing>')!r} here"
         for key in sorted(a.keys() | b.keys())
-        if key not in may_differ and a.get(key, ...) != b.get(key, ...)
+        if key not in RESUMABLE_KEYS and a.get(key, ...) != b.get(key, ...)
     ]
 
 

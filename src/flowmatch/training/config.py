@@ -14,10 +14,13 @@ Wrong keys, types or values raise ``ConfigError`` with a one-line message.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, TypeVar
+
+import torch
 
 C = TypeVar("C")
 
@@ -26,18 +29,31 @@ class ConfigError(ValueError):
     """A configuration key, type or value is invalid (the message is one line)."""
 
 
+def _free(default: Any) -> Any:
+    """A field that a resumed run may change: it does not alter the stream of updates."""
+    return field(default=default, metadata={RESUMABLE: True})
+
+
+RESUMABLE = "may_change_on_resume"
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 2**40
+MAX_BATCH = 2**24
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything the training loop needs to know, none of it about the model or the objective.
 
     ``batch_size`` is global: each step draws ``batch_size / micro_batch_size`` micro-batches,
-    spread over the processes, and accumulates their gradients.
+    spread over the processes, and accumulates their gradients. Without ``micro_batch_size``
+    each process takes one micro-batch of ``batch_size / world_size``; fix it to draw the same
+    random stream on any number of processes.
     """
 
     seed: int = 0
     steps: int = 1000
     batch_size: int = 256
-    micro_batch_size: int | None = None  # None: one micro-batch of batch_size per step
+    micro_batch_size: int | None = None  # None: batch_size / number of processes
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -49,47 +65,116 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + k) / (10 + k)) at step k
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    keep_checkpoints: int | None = 3  # None: keep all
-    val_every: int | None = None  # None: validate at every logging step
-    device: str = "auto"  # auto: the local CUDA device if there is one, else cpu
-    num_threads: int | None = None  # torch.set_num_threads; None: leave torch's default
+    log_every: int = _free(100)
+    checkpoint_every: int = _free(1000)
+    keep_checkpoints: int | None = _free(3)  # None: keep all
+    val_every: int | None = _free(None)  # None: validate at every logging step
+    device: str = _free("auto")  # auto: the local CUDA device if there is one, else cpu
+    num_threads: int | None = _free(None)  # torch.set_num_threads; None: torch's default
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "log_every", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_range("seed", self.seed, 0, MAX_SEED)
+        check_range("steps", self.steps, 1, MAX_STEPS)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH)
+        for name in ("log_every", "checkpoint_every"):
+            check_range(name, getattr(self, name), 1, MAX_STEPS)
         for name in ("micro_batch_size", "keep_checkpoints", "val_every", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 or None, got {value}")
-        if self.batch_size % self.micro_size != 0:
+            check_range(name, getattr(self, name), 1, MAX_STEPS, optional=True)
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
-                f"{self.micro_size}"
+                f"{self.micro_batch_size}"
             )
-        if not self.lr > 0 or self.weight_decay < 0 or not self.eps > 0:
-            raise ConfigError("lr and eps must be > 0 and weight_decay >= 0")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"warmup_steps must lie in [0, steps], got {self.warmup_steps}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        check_range("eps", self.eps, 0.0, math.inf, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        for beta in self.betas:
+            check_range("betas", beta, 0.0, 1.0, high_open=True)
+        check_range("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        check_range("warmup_steps", self.warmup_steps, 0, self.steps)
+        check_range("grad_clip", self.grad_clip, 0.0, math.inf, low_open=True, optional=True)
+        check_device_name(self.device)
 
-    @property
-    def micro_size(self) -> int:
-        """The micro-batch size actually used."""
-        return self.micro_batch_size or self.batch_size
+    def micro_size(self, world_size: int = 1) -> int:
+        """The micro-batch size used on ``world_size`` processes; ``ConfigError`` when the
+        global batch does not split into whole micro-batches over them."""
+        size = self.micro_batch_size or self.batch_size // world_size
+        if size < 1 or (self.batch_size // size) % world_size or self.batch_size % size:
+            raise ConfigError(
+                f"train.batch_size {self.batch_size} in micro-batches of "
+                f"{self.micro_batch_size or 'batch_size / processes'} does not split over "
+                f"{world_size} processes; choose a batch_size (or train.micro_batch_size) so that "
+                "batch_size / micro_batch_size is a multiple of the number of processes"
+            )
+        return size
 
-    @property
-    def micro_batches(self) -> int:
-        """Micro-batches per step, over all processes."""
-        return self.batch_size // self.micro_size
+
+def check_range(
+    name: str,
+    value: float | None,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """``ConfigError`` unless ``value`` is a finite number in the interval (or None, if
+    ``optional``)."""
+    if value is None and optional:
+        return
+    ok = (
+        isinstance(value, int | float)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        suffix = " or None" if optional else ""
+        raise ConfigError(f"{name} must lie in {left}{low:g}, {high:g}{right}{suffix}, got {value}")
+
+
+def check_device_name(device: str) -> None:
+    """``ConfigError`` unless ``device`` is ``auto`` or a device string torch can parse."""
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device must be auto, cpu, cuda, cuda:N or another torch device, got {device!r}"
+        ) from None
+
+
+def resolve_device(device: str) -> torch.device:
+    """The device ``device`` names on this machine (``auto``: CUDA if there is one, else CPU);
+    ``ConfigError`` for a device this build of torch or this machine does not have."""
+    check_device_name(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise ConfigError(f"device {device!r} is not available here (torch {torch.__version__})")
+    if resolved.index is not None and resolved.index >= backend.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {backend.device_count()}")
+    return resolved
+
+
+def may_change_on_resume(cls: type, prefix: str = "") -> set[str]:
+    """The dotted keys of the (nested) config dataclass ``cls`` that a resumed run may change."""
+    keys: set[str] = set()
+    for f in fields(cls):
+        kind = _field_types(cls)[f.name]
+        if is_dataclass(kind):
+            keys |= may_change_on_resume(kind, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        elif f.metadata.get(RESUMABLE):
+            keys.add(prefix + f.name)
+    return keys
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

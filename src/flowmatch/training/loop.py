@@ -35,27 +35,22 @@ from flowmatch.training import distributed
 from flowmatch.training.checkpoint import (
     Checkpoint,
     CheckpointError,
+    check_optimizer_state,
+    check_state,
     checkpoint_path,
     checkpoint_to_resume,
     load_checkpoint,
     prune_checkpoints,
-    remove_temporaries,
     save_checkpoint,
 )
-from flowmatch.training.config import ConfigError, TrainConfig, config_to_dict
+from flowmatch.training.config import TrainConfig, config_to_dict
 from flowmatch.training.ema import EMA
+from flowmatch.training.files import remove_temporaries
 from flowmatch.training.lr import learning_rate
 from flowmatch.training.run import Progress, RunDir
 
-# Train-config keys a resumed run may change: they do not alter the stream of updates.
-MAY_CHANGE_ON_RESUME = (
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "val_every",
-    "device",
-    "num_threads",
-)
+# A mean loss above this is taken for divergence (flow-matching losses are O(1) per dimension).
+MAX_LOSS = 1e10
 
 
 class Objective(Protocol):
@@ -84,13 +79,14 @@ class DataSource(Protocol):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, the gradients, the weights or the optimizer state became non-finite (or the loss
+    exploded); the last good checkpoint is kept and no later one is written."""
 
-    def __init__(self, step: int, checked_step: int, checkpoint: Path | None) -> None:
+    def __init__(self, step: int, what: str, checkpoint: Path | None) -> None:
         self.step, self.checkpoint = step, checkpoint
         super().__init__(
-            f"training diverged: non-finite loss or weights at step {step} (finite at step "
-            f"{checked_step}); last good checkpoint: {checkpoint or 'none'}"
+            f"training diverged at step {step}: {what}; last good checkpoint: "
+            f"{checkpoint or 'none'} (lower train.lr or set train.grad_clip)"
         )
 
 
@@ -130,54 +126,68 @@ class _ObjectiveStep(nn.Module):
         return self.objective(self.model, batch, step, generator)
 
 
+@dataclass
+class _State:
+    """What the loop carries from step to step (the checkpoint holds all of it but the timers)."""
+
+    model: nn.Module
+    objective: Objective
+    wrapped: nn.Module  # model and objective, under DDP when there are several processes
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    step: int
+    # The log window: the sum of step losses since the last logged step, on the device.
+    loss_sum: Tensor
+    logged_step: int
+    last_checkpoint: Path | None
+
+
 def train(
     model: nn.Module,
     objective: Objective,
     source: DataSource,
-    config: Any,
+    config: TrainConfig,
     run_dir: str | Path,
     *,
     resume: bool = False,
     validate: Callable[[nn.Module], float] | None = None,
+    context: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``objective`` with data from ``source``; write the run to ``run_dir``.
 
-    ``config`` is a ``TrainConfig``, or a dataclass with a ``train: TrainConfig`` field (all of
-    it is saved to config.json and checkpoints). With ``resume``, training continues from the
-    last checkpoint in ``run_dir`` if there is one. ``validate(ema_model) -> float`` runs every
-    ``val_every`` (default: ``log_every``) steps on rank 0. Launch under torchrun for several
-    processes.
+    With ``resume``, training continues from the last checkpoint in ``run_dir`` if there is one.
+    ``validate(ema_model) -> float`` runs every ``val_every`` (default: ``log_every``) steps on
+    rank 0. ``context`` is what else defines the run (JSON-ready sections describing the data,
+    network, objective): config.json and every checkpoint hold ``{"train": config, **context}``,
+    and a resumed run must agree with it (:func:`~flowmatch.training.checkpoint.resume_conflicts`).
+    Launch under torchrun for several processes.
     """
-    train_config = config if isinstance(config, TrainConfig) else getattr(config, "train", None)
-    if not isinstance(train_config, TrainConfig):
-        raise TypeError("config must be a TrainConfig or a dataclass with a train: TrainConfig")
-    world_size = distributed.world_size_from_env()
-    if train_config.micro_batches % world_size:
-        raise ConfigError(
-            f"{train_config.micro_batches} micro-batches per step cannot be split over "
-            f"{world_size} processes; choose micro_batch_size so that batch_size / "
-            "micro_batch_size is a multiple of the number of processes"
-        )
-    ctx = distributed.setup(train_config.device)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if context is not None and "train" in context:
+        raise ValueError("context must not have a 'train' section: that is the TrainConfig")
+    record = {"train": config_to_dict(config), **(context or {})}
+    micro_size = config.micro_size(distributed.world_size_from_env())
+    ctx = distributed.setup(config.device)
     try:
-        return _train(
-            model, objective, source, config, train_config, RunDir(run_dir), ctx, resume, validate
-        )
+        state = _start(model, objective, config, record, RunDir(run_dir), ctx, resume)
+        return _loop(state, source, config, record, RunDir(run_dir), ctx, micro_size, validate)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(
+def _start(
     model: nn.Module,
     objective: Objective,
-    source: DataSource,
-    config: Any,
     cfg: TrainConfig,
+    record: dict[str, Any],
     run: RunDir,
     ctx: distributed.DistContext,
     resume: bool,
-    validate: Callable[[nn.Module], float] | None,
-) -> TrainResult:
+) -> _State:
+    """Set-up and resume: the model on its device, optimizer, DDP, EMA; every process reads the
+    last checkpoint, rank 0 alone prepares the run folder."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = ctx.device
@@ -194,49 +204,64 @@ def _train(
         weight_decay=cfg.weight_decay,
         fused=device.type in ("cpu", "cuda"),
     )
-    ddp = step_module
+    wrapped: nn.Module = step_module
     if ctx.world_size > 1:  # broadcasts rank 0's initial weights to every process
-        ddp = DistributedDataParallel(
+        wrapped = DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)  # an eager copy, made before compiling
     if cfg.compile:
         model.compile()  # in place, so a flow map's methods call the compiled network too
 
-    # Resume: every process reads the last checkpoint; rank 0 alone prepares the run folder.
-    config_dict = config_to_dict(config)
-    last_checkpoint = checkpoint_to_resume(run.root, resume)
-    step = 0
-    if last_checkpoint is not None:
-        prefix = "" if isinstance(config, TrainConfig) else "train."
-        may_differ = tuple(prefix + key for key in MAY_CHANGE_ON_RESUME)
-        checkpoint = load_checkpoint(last_checkpoint, config_dict, may_differ)
-        _restore(checkpoint, model, ema, optimizer, objective, last_checkpoint)
-        step = checkpoint.step
+    state = _State(
+        model=model,
+        objective=objective,
+        wrapped=wrapped,
+        params=params,
+        optimizer=optimizer,
+        ema=ema,
+        step=0,
+        loss_sum=torch.zeros((), dtype=torch.float64, device=device),  # float64: long windows
+        logged_step=0,
+        last_checkpoint=checkpoint_to_resume(run.root, resume),
+    )
+    if state.last_checkpoint is not None:
+        checkpoint = load_checkpoint(state.last_checkpoint, record)
+        _restore(checkpoint, state, cfg, ctx, state.last_checkpoint)
     if ctx.is_main:
         run.create()
         remove_temporaries(run.root)
         remove_temporaries(run.checkpoints)
-        run.truncate_metrics(step)
-        run.write_config(config_dict)
-        run.write_meta(ctx.world_size, step if last_checkpoint is not None else None)
+        run.truncate_metrics(state.step)
+        run.write_config(record)
+        run.write_meta(ctx.world_size, state.step if state.last_checkpoint is not None else None)
     distributed.barrier(ctx)
+    return state
 
-    micro_batches = range(ctx.rank, cfg.micro_batches, ctx.world_size)
-    last_micro_batch = micro_batches[-1]
-    loss_scale = ctx.world_size / cfg.micro_batches
+
+def _loop(
+    state: _State,
+    source: DataSource,
+    cfg: TrainConfig,
+    record: dict[str, Any],
+    run: RunDir,
+    ctx: distributed.DistContext,
+    micro_size: int,
+    validate: Callable[[nn.Module], float] | None,
+) -> TrainResult:
+    """The optimisation loop: micro-steps, optimizer step, EMA; at intervals, log and check,
+    validate, checkpoint."""
+    device = ctx.device
+    micro_batches = range(ctx.rank, cfg.batch_size // micro_size, ctx.world_size)
     generator = torch.Generator(device)  # re-seeded per micro-batch, never re-allocated
     global_rngs = [torch.default_generator]
     if device.type == "cuda":
         global_rngs.append(torch.cuda.default_generators[device.index])
-    # The sum of step losses since the last log, kept on the device (float64: long intervals).
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     started = interval_start = time.perf_counter()
-    logged_step = checked_step = step
     loss = val_loss = None
-    with Progress(run, step, cfg.steps, enabled=ctx.is_main) as progress:
-        while step < cfg.steps:
-            done = step + 1
+    with Progress(run, state.step, cfg.steps, enabled=ctx.is_main) as progress:
+        while state.step < cfg.steps:
+            done = state.step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.steps
             checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
             val_now = (
@@ -245,79 +270,136 @@ def _train(
                 and (done % (cfg.val_every or cfg.log_every) == 0 or done == cfg.steps)
             )
             lr = learning_rate(
-                step,
+                state.step,
                 peak=cfg.lr,
                 steps=cfg.steps,
                 warmup_steps=cfg.warmup_steps,
                 schedule=cfg.lr_schedule,
             )
-            for group in optimizer.param_groups:
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
             for j in micro_batches:
-                generator.manual_seed(micro_batch_seed(cfg.seed, step, j))
+                generator.manual_seed(micro_batch_seed(cfg.seed, state.step, j))
                 for rng in global_rngs:
-                    rng.manual_seed(micro_batch_seed(cfg.seed, step, j, stream=1))
-                batch = _as_batch(source.sample(cfg.micro_size, generator), device)
-                # DDP all-reduces the gradients after the last micro-batch only.
-                sync = j == last_micro_batch or ctx.world_size == 1
-                with contextlib.nullcontext() if sync else ddp.no_sync():
-                    with _autocast(cfg.precision, device):
-                        per_sample = ddp(batch, step, generator)
-                    if per_sample.dim() != 1:
-                        raise ValueError(f"an objective returns a loss [B], got {per_sample.shape}")
-                    if per_sample.dtype in (torch.bfloat16, torch.float16):
-                        per_sample = per_sample.float()  # the loss is reduced in fp32
-                    micro_loss = per_sample.mean()
-                    if loss_scale != 1.0:  # mean over the micro-batch / (G / N)
-                        micro_loss = micro_loss * loss_scale
-                    micro_loss.backward()
-                loss_sum += micro_loss.detach()
+                    rng.manual_seed(micro_batch_seed(cfg.seed, state.step, j, stream=1))
+                batch = _as_batch(source.sample(micro_size, generator), device)
+                _micro_step(state, batch, generator, cfg, ctx, j == micro_batches[-1], micro_size)
             if cfg.grad_clip is not None or log_now:  # the norm of the all-reduced gradient
-                grad_norm = _clip_grad_norm(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(step)
-            step = done
+                grad_norm = _clip_grad_norm(state.params, cfg.grad_clip)
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.ema.update(state.step)
+            state.step = done
             progress.step()
             if not (log_now or checkpoint_now or val_now):
                 continue
 
-            record: dict[str, Any] = {"step": step}
+            record_line: dict[str, Any] = {"step": done}
             if log_now or checkpoint_now:  # a sync point, at the same steps on every process
-                total = distributed.all_reduce_sum(loss_sum, ctx).item()
-                if not math.isfinite(total) or (checkpoint_now and not _all_finite(params)):
-                    raise TrainingDiverged(step, checked_step, last_checkpoint)
-                checked_step = step
+                window = distributed.all_reduce_sum(state.loss_sum.clone(), ctx).item()
+                mean = window / (ctx.world_size * max(1, done - state.logged_step))
+                _check_finite(state, mean, grad_norm if log_now else None, checkpoint_now)
             if log_now:
                 now = time.perf_counter()
-                loss = total / (ctx.world_size * (step - logged_step))
-                speed = (step - logged_step) / (now - interval_start)
-                record.update(loss=loss, lr=lr, grad_norm=grad_norm.item(), steps_per_sec=speed)
-                loss_sum.zero_()
-                logged_step, interval_start = step, now
-            if val_now:
-                val_loss = float(validate(ema.module))
-                record["val_loss"] = val_loss
+                loss = mean
+                speed = (done - max(state.logged_step, progress.start_step)) / (
+                    now - interval_start
+                )
+                record_line.update(
+                    loss=loss, lr=lr, grad_norm=grad_norm.item(), steps_per_sec=speed
+                )
+                state.loss_sum.zero_()
+                state.logged_step, interval_start = done, now
+            if val_now and validate is not None:
+                val_loss = float(validate(state.ema.module))
+                record_line["val_loss"] = val_loss
             # The metrics line goes first: a run killed before the checkpoint is written resumes
             # from an earlier checkpoint and drops this line, never the other way round.
-            if len(record) > 1:
-                progress.log(record)
+            if len(record_line) > 1:
+                progress.log(record_line)
             if checkpoint_now:
-                last_checkpoint = checkpoint_path(run.checkpoints, step)
-                if ctx.is_main:
-                    state = Checkpoint(
-                        step=step,
-                        config=config_dict,
-                        model=model.state_dict(),
-                        ema=ema.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        objective=_objective_state(objective),
-                    )
-                    save_checkpoint(last_checkpoint, state)
-                    prune_checkpoints(run.checkpoints, cfg.keep_checkpoints)
+                _save(state, record, run, cfg, ctx, window if not log_now else 0.0)
     distributed.barrier(ctx)  # the final checkpoint exists when any process returns
-    return TrainResult(step, loss, val_loss, ema, last_checkpoint, time.perf_counter() - started)
+    return TrainResult(
+        state.step, loss, val_loss, state.ema, state.last_checkpoint, time.perf_counter() - started
+    )
+
+
+def _micro_step(
+    state: _State,
+    batch: dict[str, Tensor],
+    generator: torch.Generator,
+    cfg: TrainConfig,
+    ctx: distributed.DistContext,
+    last: bool,
+    micro_size: int,
+) -> None:
+    """Forward and backward of one micro-batch: ``mean(loss) / (G / N)``; DDP all-reduces the
+    gradients after the process's last micro-batch only."""
+    sync = last or not isinstance(state.wrapped, DistributedDataParallel)
+    with contextlib.nullcontext() if sync else state.wrapped.no_sync():
+        with _autocast(cfg.precision, ctx.device):
+            per_sample = state.wrapped(batch, state.step, generator)
+        if per_sample.dim() != 1:
+            raise ValueError(f"an objective returns a loss [B], got {per_sample.shape}")
+        if per_sample.dtype in (torch.bfloat16, torch.float16):
+            per_sample = per_sample.float()  # the loss is reduced in fp32
+        loss_scale = ctx.world_size * micro_size / cfg.batch_size
+        micro_loss = per_sample.mean()
+        if loss_scale != 1.0:  # mean over the micro-batch / (G / N)
+            micro_loss = micro_loss * loss_scale
+        micro_loss.backward()
+    state.loss_sum += micro_loss.detach()
+
+
+def _check_finite(state: _State, loss: float, grad_norm: Tensor | None, full: bool) -> None:
+    """Raise ``TrainingDiverged`` if the window's mean loss is not finite or exceeds
+    ``MAX_LOSS``, or the gradient norm or (``full``, before a checkpoint) the weights, the EMA or
+    the optimizer state are not finite."""
+    what = None
+    if not math.isfinite(loss):
+        what = "the loss is not finite"
+    elif loss > MAX_LOSS:
+        what = f"the loss {loss:.3g} exceeds {MAX_LOSS:g}"
+    elif grad_norm is not None and not bool(torch.isfinite(grad_norm)):
+        what = "the gradient norm is not finite"
+    elif full and not _all_finite(state):
+        what = "the weights or the optimizer state are not finite"
+    if what is not None:
+        raise TrainingDiverged(state.step, what, state.last_checkpoint)
+
+
+def _all_finite(state: _State) -> bool:
+    tensors = [*state.params, *state.ema.module.parameters()]
+    for entries in state.optimizer.state.values():
+        tensors += [v for v in entries.values() if isinstance(v, Tensor)]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _save(
+    state: _State,
+    record: dict[str, Any],
+    run: RunDir,
+    cfg: TrainConfig,
+    ctx: distributed.DistContext,
+    window: float,
+) -> None:
+    """Write the checkpoint of ``state.step`` (rank 0) with the open log window's loss sum."""
+    path = checkpoint_path(run.checkpoints, state.step)
+    if ctx.is_main:
+        checkpoint = Checkpoint(
+            step=state.step,
+            config=record,
+            model=state.model.state_dict(),
+            ema=state.ema.state_dict(),
+            optimizer=state.optimizer.state_dict(),
+            objective=_objective_state(state.objective),
+            log_window={"loss_sum": window, "logged_step": state.logged_step},
+        )
+        save_checkpoint(path, checkpoint)
+        prune_checkpoints(run.checkpoints, cfg.keep_checkpoints)
+    state.last_checkpoint = path
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -343,28 +425,35 @@ def _clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> Tenso
     return norm
 
 
-def _all_finite(params: list[nn.Parameter]) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
-
-
 def _objective_state(objective: Objective) -> dict[str, Any]:
     return objective.state_dict() if hasattr(objective, "state_dict") else {}
 
 
 def _restore(
     checkpoint: Checkpoint,
-    model: nn.Module,
-    ema: EMA,
-    optimizer: torch.optim.Optimizer,
-    objective: Objective,
+    state: _State,
+    cfg: TrainConfig,
+    ctx: distributed.DistContext,
     path: Path,
 ) -> None:
+    """Load ``checkpoint`` into ``state`` after checking every tensor against what it is loaded
+    into (``CheckpointError`` naming the first that does not fit)."""
+    if not 0 <= checkpoint.step <= cfg.steps:
+        raise CheckpointError(f"{path} is at step {checkpoint.step}, outside [0, {cfg.steps}]")
+    check_state(path, "model", checkpoint.model, state.model.state_dict())
+    check_state(path, "ema", checkpoint.ema, state.ema.state_dict())
+    check_optimizer_state(path, checkpoint.optimizer, state.optimizer, checkpoint.step)
     try:
-        model.load_state_dict(checkpoint.model)
-        ema.load_state_dict(checkpoint.ema)
-        optimizer.load_state_dict(checkpoint.optimizer)
-        if hasattr(objective, "load_state_dict"):
-            objective.load_state_dict(checkpoint.objective)
-    except (RuntimeError, ValueError, KeyError) as error:
+        state.model.load_state_dict(checkpoint.model)
+        state.ema.load_state_dict(checkpoint.ema)
+        state.optimizer.load_state_dict(checkpoint.optimizer)
+        if hasattr(state.objective, "load_state_dict"):
+            state.objective.load_state_dict(checkpoint.objective)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
         reason = " ".join(str(error).split())
         raise CheckpointError(f"{path} does not fit this model or objective: {reason}") from None
+    state.step = checkpoint.step
+    window = checkpoint.log_window
+    state.logged_step = int(window.get("logged_step", checkpoint.step))
+    if ctx.is_main:  # the window's sum is all-reduced over the processes
+        state.loss_sum.fill_(float(window.get("loss_sum", 0.0)))

@@ -1,8 +1,9 @@
-"""The run folder and what is written to it while training, by rank 0 only.
+"""The training loop's files in a run folder, written by rank 0 only.
 
 Layout of ``run_dir``: ``config.json`` (the run's config), ``meta.json`` (versions, git commit,
 command line, world size, start time, and one entry per resume), ``metrics.jsonl`` (one JSON
-record per logging step) and ``checkpoints/``. Progress goes to stderr: a tqdm bar on a terminal,
+record per logging step) and ``checkpoints/``. Every write is atomic and never goes through a
+symlink (:mod:`flowmatch.training.files`). Progress goes to stderr: a tqdm bar on a terminal,
 plain lines otherwise.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -22,24 +24,63 @@ import torch
 import tqdm
 
 import flowmatch
-from flowmatch.training.checkpoint import atomic_write
+from flowmatch.training.files import RunFileError, atomic_write, describe_os_error, read_text
 
 
 class RunDir:
-    """Paths of a run folder, and the writes to it."""
+    """Paths of the training loop's files in a run folder, and the writes to them."""
+
+    CONFIG = "config.json"
+    META = "meta.json"
+    METRICS = "metrics.jsonl"
+    CHECKPOINTS = "checkpoints"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.checkpoints = self.root / "checkpoints"
-        self.config = self.root / "config.json"
-        self.meta = self.root / "meta.json"
-        self.metrics = self.root / "metrics.jsonl"
+        self.checkpoints = self.root / self.CHECKPOINTS
+        self.config = self.root / self.CONFIG
+        self.meta = self.root / self.META
+        self.metrics = self.root / self.METRICS
 
     def create(self) -> None:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunFileError(describe_os_error(self.checkpoints, error, "create")) from None
+
+    def write(self, path: Path, data: bytes) -> None:
+        """``data`` to ``path`` (a file of this folder), atomically and never through a symlink."""
+        atomic_write(path, data, root=self.root)
+
+    def write_json(self, path: Path, value: Any) -> None:
+        self.write(path, (json.dumps(value, indent=2) + "\n").encode())
+
+    def read_json(self, path: Path) -> Any:
+        """The JSON value in ``path``; ``RunFileError`` naming the file if it is not JSON."""
+        try:
+            return json.loads(read_text(path, root=self.root))
+        except json.JSONDecodeError as error:
+            raise RunFileError(
+                f"{path} is not valid JSON ({error.msg}, line {error.lineno})"
+            ) from None
 
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write(self.config, (json.dumps(config, indent=2) + "\n").encode())
+        self.write_json(self.config, config)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl`` that have an integer ``step``; a line cut short by a
+        crash or written by something else is skipped."""
+        if not self.metrics.exists():
+            return []
+        records = []
+        for line in read_text(self.metrics, root=self.root).splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and type(record.get("step")) is int:
+                records.append(record)
+        return records
 
     def write_meta(self, world_size: int, resumed_step: int | None) -> None:
         """Record this start; a resume keeps the first start and appends to ``resumes``."""
@@ -49,8 +90,10 @@ class RunDir:
             "world_size": world_size,
             "git_commit": _git_commit(),
         }
-        if resumed_step is not None and self.meta.exists():
-            meta = json.loads(self.meta.read_text())
+        meta = (
+            self.read_json(self.meta) if resumed_step is not None and self.meta.exists() else None
+        )
+        if isinstance(meta, dict) and isinstance(meta.get("resumes", []), list):
             meta.setdefault("resumes", []).append({"step": resumed_step, **start})
         else:
             versions = {
@@ -60,24 +103,13 @@ class RunDir:
                 "python": platform.python_version(),
             }
             meta = {"versions": versions, **start}
-        atomic_write(self.meta, (json.dumps(meta, indent=2) + "\n").encode())
+        self.write_json(self.meta, meta)
 
     def truncate_metrics(self, step: int) -> None:
-        """Keep only the records with ``step <= step`` (those a resumed run will not write again).
-
-        A line cut short by a crash is not valid JSON and is dropped too.
-        """
-        if not self.metrics.exists():
-            return
-        kept = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record["step"] <= step:
-                kept.append(line + "\n")
-        atomic_write(self.metrics, "".join(kept).encode())
+        """Keep the records with ``step <= step`` (those a resumed run will not write again)."""
+        if self.metrics.exists() or self.metrics.is_symlink():
+            kept = [json.dumps(r) + "\n" for r in self.read_metrics() if r["step"] <= step]
+            self.write(self.metrics, "".join(kept).encode())
 
 
 def _git_commit() -> str | None:
@@ -103,7 +135,13 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.enabled:
-            self.file = open(self.run.metrics, "a")  # closed by __exit__
+            # Appended to, never through a symlink (truncate_metrics has made it a plain file).
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            try:
+                fd = os.open(self.run.metrics, flags, 0o644)
+            except OSError as error:
+                raise RunFileError(describe_os_error(self.run.metrics, error, "write")) from None
+            self.file = os.fdopen(fd, "a")  # closed by __exit__
             if sys.stderr.isatty():
                 self.bar = tqdm.tqdm(
                     total=self.steps, initial=self.start_step, unit="step", dynamic_ncols=True
@@ -125,8 +163,11 @@ class Progress:
         if self.file is None:
             return
         # flush() hands the line to the OS, so it survives the process being killed.
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise RunFileError(describe_os_error(self.run.metrics, error, "write")) from None
         shown = {k: v for k, v in record.items() if k in ("loss", "val_loss", "lr", "grad_norm")}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
