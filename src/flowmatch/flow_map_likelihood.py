@@ -1,12 +1,13 @@
 """Few-step likelihood of a flow map by the discrete change of variables (low-dimensional data).
 
-This module owns ``log p_1(x) = log p_0(X_{1,0}(x)) + log|det grad_x X_{1,0}(x)|``
-(methods.md 7.1, flow-map change of variables), where ``X_{1,0}`` is the backward map run as
-``steps`` jumps ``X_{t_{k}, t_{k+1}}`` on a grid from 1 to 0. The Jacobian is exact:
-``torch.func.jacrev`` per sample, ``vmap``-ed over the batch, i.e. ``D`` reverse passes per
-sample, so this is for data of small dimension ``D``. It is exact for the model's own map; how
-well it matches the model's ODE density depends on how close the learned backward jumps are to
-the inverse of the forward ones (a learned map covering ``s > t``).
+This module owns ``log p_1(x) = log p_0(X_{1,0}(x)) + log|det grad_x X_{1,0}(x)|``, the change
+of variables for ``p_0 = (X_{1,0})_# p_1`` (``X_{1,0}`` inverts ``X_{0,1}`` by the semigroup
+property of the flow map: Boffi, Albergo & Vanden-Eijnden 2025, Prop. 2.2), where ``X_{1,0}`` is
+the backward map run as ``steps`` jumps ``X_{t_{k}, t_{k+1}}`` on a grid from 1 to 0. The
+Jacobian is exact: ``torch.func.jacrev`` per sample, ``vmap``-ed over the batch, i.e. ``D``
+reverse passes per sample, so this is for data of small dimension ``D``. It is exact for the
+model's own map; how well it matches the model's ODE density depends on how close the learned
+backward jumps are to the inverse of the forward ones (a learned map covering ``s > t``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from torch import Tensor
 from flowmatch.paths.schedules import isotropic_normal_log_prob
 from flowmatch.solvers.integrate import resolve_time_grid
 from flowmatch.solvers.likelihood import LikelihoodResult
+from flowmatch.types import TwoTimeField
 
 
 def flow_map_log_likelihood(
-    flow_map: Callable[..., Tensor],
+    flow_map: TwoTimeField,
     x1: Tensor,
     *,
     steps: int | None = 1,

@@ -1,31 +1,43 @@
 """Closed-form oracles: the exact marginal path from ``N(0, I)`` to a Gaussian or Gaussian mixture.
 
 This module owns exact velocities, flow maps, densities, scores and divergences of the affine
-path ``x_t = alpha(t) x1 + sigma(t) x0`` with ``x0 ~ N(0, I)`` (``reference/methods.md`` 7.1 and
-7.2, written there with ``a = sigma`` on the noise and ``b = alpha`` on the data). Since ``x0``
-is Gaussian, ``x_t`` is exactly Gaussian (per component) at every t, including at ``t_min``.
+path ``x_t = alpha(t) x1 + sigma(t) x0`` with ``x0 ~ N(0, I)``, derived below. Since ``x0`` is
+Gaussian, ``x_t`` is exactly Gaussian (per component) at every t, including at ``t_min``.
 
 For a component ``N(mu, C)`` with ``C = Q diag(lam) Q^T``, ``x_t`` has mean ``alpha mu`` and
 covariance ``Sigma_t = sigma^2 I + alpha^2 C``, whose eigenvalues are ``var_i = sigma^2 + alpha^2
-lam_i``. Its velocity is ``u_t(x) = d_alpha mu + A_t (x - alpha mu)`` with
+lam_i``. Its velocity ``u_t(x) = E[dx_t/dt | x_t = x]`` is the linear regression of the jointly
+Gaussian pair ``(dx_t/dt, x_t)``, whose cross-covariance is ``sigma d_sigma I + alpha d_alpha C =
+1/2 Sigma_dot``: ``u_t(x) = d_alpha mu + A_t (x - alpha mu)`` with
 ``A_t = 1/2 Sigma_dot Sigma^{-1} = Q diag((sigma d_sigma + alpha d_alpha lam_i) / var_i) Q^T``.
+A mixture's velocity is the posterior average of its components' velocities (Lipman et al. 2022,
+Theorem 1, conditioning on the component instead of on ``x1``).
 Only the product ``sigma d_sigma = 1/2 d/dt sigma^2`` enters, which stays finite where ``sigma``
 vanishes (for VP it is ``-alpha d_alpha``); as computed from the schedule it is finite on the
 schedule's ``[t_min, t_max]``.
 
-Inputs are flat, ``x: [B, d]`` and ``t: [B]``; results use the dtype and device of ``x``.
+Inputs are flat, ``x: [B, d]`` and ``t: [B]``; results use the dtype and device of ``x``. The
+oracles are unconditional: ``velocity``, ``flow_map``, ``slope`` and the call take the
+``**model_kwargs`` of the :mod:`flowmatch.types` protocols but raise ``TypeError`` if any is given.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from flowmatch.paths.schedules import CondOTSchedule, Schedule
 from flowmatch.shapes import check_time
+
+
+def _unconditional(model_kwargs: dict[str, Any]) -> None:
+    """Refuse model keyword arguments (e.g. labels ``y``), which an oracle has no use for."""
+    if model_kwargs:
+        raise TypeError(f"an oracle takes no model keyword arguments, got {sorted(model_kwargs)}")
 
 
 @dataclass
@@ -64,7 +76,8 @@ class GaussianMixtureOracle:
 
     ``weights: [K]`` (positive, normalised here), ``means: [K, d]``, ``covs: [K, d, d]``
     symmetric positive definite. Posterior weights ``w_k(t, x) = softmax_k(log pi_k +
-    log N(x; alpha mu_k, Sigma_{t,k}))`` give ``u_t = sum_k w_k u^(k)_t`` (methods.md 7.2).
+    log N(x; alpha mu_k, Sigma_{t,k}))`` give ``u_t = sum_k w_k u^(k)_t`` (Lipman et al. 2022,
+    Theorem 1, with the component ``k`` in place of ``x1``).
     """
 
     def __init__(
@@ -133,8 +146,9 @@ class GaussianMixtureOracle:
         """Component responsibilities ``w_k(t, x)``: ``[B, K]``."""
         return self._terms(x, t).posterior()
 
-    def velocity(self, x: Tensor, t: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
         """Exact marginal velocity ``u_t(x) = sum_k w_k u^(k)_t(x)``: ``[B, d]``."""
+        _unconditional(model_kwargs)
         terms = self._terms(x, t)
         return (terms.posterior()[..., None] * terms.velocities()).sum(1)
 
@@ -157,7 +171,9 @@ class GaussianMixtureOracle:
     def divergence(self, x: Tensor, t: Tensor) -> Tensor:
         """``div u_t(x) = sum_k w_k [tr A_{t,k} + (g_k - g_bar) . u^(k)]``: ``[B]``.
 
-        Uses ``grad w_k = w_k (g_k - g_bar)`` with ``g_bar = sum_j w_j g_j`` (methods.md 7.2).
+        The product rule on ``sum_k w_k u^(k)``, with ``grad w_k = w_k (g_k - g_bar)``, ``g_bar =
+        sum_j w_j g_j``: the gradient of a softmax of ``log pi_k + log N_k`` whose gradients are
+        the component scores ``g_k``.
         """
         terms = self._terms(x, t)
         w = terms.posterior()
@@ -177,18 +193,24 @@ class GaussianMixtureOracle:
         ``dtype`` defaults to torch's default dtype; the draw itself is made in float64.
         """
         device = generator.device if generator is not None else torch.device("cpu")
-        to = {"device": device, "dtype": torch.float64}
+        f64 = torch.float64
         component = torch.multinomial(
-            self.weights.to(**to), n, replacement=True, generator=generator
+            self.weights.to(device, f64), n, replacement=True, generator=generator
         )
-        z = torch.randn(n, self.dim, generator=generator, **to)
-        scale = self.eigenvectors.to(**to) * self.eigenvalues.to(**to).sqrt()[:, None, :]
-        x = self.means.to(**to)[component] + torch.einsum("nij,nj->ni", scale[component], z)
+        z = torch.randn(n, self.dim, generator=generator, device=device, dtype=f64)
+        scale = (
+            self.eigenvectors.to(device, f64) * self.eigenvalues.to(device, f64).sqrt()[:, None, :]
+        )
+        x = self.means.to(device, f64)[component] + torch.einsum("nij,nj->ni", scale[component], z)
         return x.to(torch.get_default_dtype() if dtype is None else dtype)
 
 
 class GaussianOracle(GaussianMixtureOracle):
-    """The exact path from ``N(0, I)`` to ``N(mean, cov)`` (methods.md 7.1), with its flow map.
+    """The exact path from ``N(0, I)`` to ``N(mean, cov)``, with its flow map.
+
+    The covariances ``Sigma_t = sigma_t^2 I + alpha_t^2 cov`` commute, so ``d/dt Sigma_t^{1/2} =
+    1/2 Sigma_dot_t Sigma_t^{-1/2}`` and ``X_{s,t}`` of :meth:`flow_map` solves ``dX/dt =
+    u_t(X)``, ``X_{s,s} = id``: it is the flow of :meth:`velocity`.
 
     ``mean: [d]``, ``cov: [d, d]`` symmetric positive definite. Being a one-component mixture it
     has every method of :class:`GaussianMixtureOracle`; it is also an exact
@@ -227,20 +249,22 @@ class GaussianOracle(GaussianMixtureOracle):
         y = (x - alpha_s * mu) @ q
         return y, (var_t / var_s).sqrt(), alpha_s, alpha_t
 
-    def flow_map(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    def flow_map(self, x: Tensor, s: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
         """``X_{s,t}(x) = alpha_t m + Sigma_t^{1/2} Sigma_s^{-1/2} (x - alpha_s m)``: ``[B, d]``."""
+        _unconditional(model_kwargs)
         y, ratio, _, alpha_t = self._eigen_map(x, s, t)
         return alpha_t * self.mean.to(x) + (ratio * y) @ self.eigenvectors[0].to(x).T
 
-    def __call__(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
-        return self.flow_map(x, s, t)
+    def __call__(self, x: Tensor, s: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
+        return self.flow_map(x, s, t, **model_kwargs)
 
-    def slope(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    def slope(self, x: Tensor, s: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
         """Average velocity ``v_{s,t}(x) = (X_{s,t}(x) - x) / (t - s)``; ``u_s(x)`` if ``s == t``.
 
         Computed as ``(alpha_t - alpha_s)/(t - s) m + Q diag((r_i - 1)/(t - s)) Q^T (x - alpha_s
         m)`` so that the diagonal branch never divides by zero (gradients stay finite too).
         """
+        _unconditional(model_kwargs)
         y, ratio, alpha_s, alpha_t = self._eigen_map(x, s, t)
         diagonal = (t == s)[:, None]
         dt = torch.where(diagonal, torch.ones_like(alpha_s), (t - s)[:, None])

@@ -1,4 +1,4 @@
-"""Reflow (Liu, Gong & Liu 2022; methods.md 5.6): teacher couplings, their cache, straightness.
+"""Reflow (Liu, Gong & Liu 2022, Sec. 2): teacher couplings, their cache, straightness.
 
 This module owns the generation of (noise, sample) pairs ``(Z0, Z1 = ODE_teacher(Z0))`` from a
 seed, their cache on disk (``<stem>.safetensors`` with ``x0``, ``x1`` and optional labels ``y``,
@@ -11,7 +11,6 @@ pairs themselves are the training data source), and the straightness
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +24,7 @@ from flowmatch.losses.flow_matching import cfm_loss
 from flowmatch.paths.affine import AffinePath
 from flowmatch.paths.schedules import CondOTSchedule, Schedule
 from flowmatch.solvers.integrate import integrate, sample
-from flowmatch.types import TimeSampler
+from flowmatch.types import TimeSampler, VelocityField
 
 PAIRS_FORMAT = "flowmatch-reflow-pairs/1"
 
@@ -98,7 +97,7 @@ def _pair_metadata(
 
 
 def generate_reflow_pairs(
-    velocity: Callable[..., Tensor],
+    velocity: VelocityField,
     n: int,
     shape: tuple[int, ...],
     *,
@@ -182,7 +181,7 @@ def load_reflow_pairs(path: str | Path) -> ReflowPairs:
 
 def cached_reflow_pairs(
     path: str | Path,
-    velocity: Callable[..., Tensor],
+    velocity: VelocityField,
     n: int,
     shape: tuple[int, ...],
     **generate_kwargs: Any,
@@ -212,7 +211,11 @@ def cached_reflow_pairs(
         labels=labels is not None,
     )
     differ = sorted(k for k in requested if pairs.metadata.get(k) != requested[k])
-    if labels is not None and not differ and not torch.equal(pairs.y, labels.cpu()):
+    if (
+        labels is not None
+        and not differ
+        and (pairs.y is None or not torch.equal(pairs.y, labels.cpu()))
+    ):
         differ = ["labels"]
     if differ:
         raise ValueError(f"cached pairs at {sidecar} differ from the request in {differ}")
@@ -243,7 +246,7 @@ class ReflowObjective:
 
     def __call__(
         self,
-        model: Callable[..., Tensor],
+        model: VelocityField,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,
@@ -276,7 +279,7 @@ class ReflowObjective:
 
 
 def straightness(
-    velocity: Callable[..., Tensor],
+    velocity: VelocityField,
     x0: Tensor,
     steps: int,
     method: str = "rk4",
@@ -294,6 +297,7 @@ def straightness(
             velocity, x0, method, steps=steps, model_kwargs=kw, return_trajectory=True
         )
         trajectory, grid = result.trajectory, result.time_grid
+        assert trajectory is not None  # return_trajectory=True
         chord = trajectory[-1] - trajectory[0]
         deviation = torch.stack(
             [

@@ -135,7 +135,10 @@ def _fashion_mnist_archives(cache: Path) -> dict[str, bytes]:
                 "-ubyte.gz"
             ):
                 file = member.name[len(FASHION_MNIST_DEB_FOLDER) : -len(".gz")]
-                archives[file] = tar.extractfile(member).read()
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise RuntimeError(f"{member.name} in {deb.name} is not a regular file")
+                archives[file] = extracted.read()
     return archives
 
 

@@ -133,7 +133,8 @@ def load_digits(split: str = "train") -> ImageData:
     """
     _check_split(split)
     try:
-        from sklearn.datasets import load_digits as sklearn_load_digits
+        # scikit-learn ships no type information (no py.typed marker).
+        from sklearn.datasets import load_digits as sklearn_load_digits  # type: ignore[import-untyped]
     except ImportError as error:
         raise ImportError(
             "the digits set ships with scikit-learn: pip install scikit-learn"

@@ -1,20 +1,21 @@
 """Flow-map losses: distillation from a teacher velocity, self-distillation and MeanFlow.
 
 This module owns the per-sample residual losses for a two-time flow map
-``X_{s,t}(x) = x + (t - s) v_{s,t}(x)`` (``reference/methods.md`` 2-4 and 5.1), the time
-derivatives they need (one ``torch.func.jvp`` each) and the learned two-time loss weight.
+``X_{s,t}(x) = x + (t - s) v_{s,t}(x)`` (Boffi, Albergo & Vanden-Eijnden 2024, eq. 4.1, and
+2025, eq. 6; ``v`` is MeanFlow's average velocity, Geng et al. 2025, up to the time reversal), the
+time derivatives they need (one ``torch.func.jvp`` each) and the learned two-time loss weight.
 
 A flow map is ``flow_map(x, s, t, **model_kwargs)`` with ``flow_map.slope(x, s, t)`` = ``v_{s,t}``
 and ``flow_map.velocity(x, t)`` = ``v_{t,t}``; a teacher is a velocity ``teacher(x, t, **kw)``.
 Every loss takes points ``x_s = I_s`` of the interpolant and times ``s, t: [B]`` drawn by the
 caller, draws no randomness, and returns ``[B]``, the squared residual averaged over the non-batch
-dimensions. Targets marked ``sg`` are computed under ``torch.no_grad`` (methods.md 3.2, 4.2): no
-gradient reaches a teacher's parameters or its input point.
+dimensions. Targets marked ``sg`` are computed under ``torch.no_grad`` (the semigradient losses
+of Boffi et al. 2024, Sec. 3, and the stop-gradients of Boffi et al. 2025, eq. 94): no gradient
+reaches a teacher's parameters or its input point.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,7 @@ from torch import Tensor, nn
 
 from flowmatch.nets.embeddings import SinusoidalTimeEmbedding
 from flowmatch.shapes import broadcast_time
-
-Field = Callable[..., Tensor]
+from flowmatch.types import FlowMap, TwoTimeField, VelocityField
 
 
 def _mean_square(residual: Tensor) -> Tensor:
@@ -41,7 +41,7 @@ class Derivative:
 
 
 def directional_derivative(
-    fn: Field,
+    fn: TwoTimeField,
     x: Tensor,
     s: Tensor,
     t: Tensor,
@@ -68,21 +68,22 @@ def directional_derivative(
         a = {**primals, **dict(zip(names, args, strict=True))}
         return fn(a["x"], a["s"], a["t"], **kw)
 
+    # torch types the result as a 2- or a 3-tuple (the latter with has_aux=True, not used here).
     value, derivative = torch.func.jvp(
         restricted, tuple(primals[n] for n in names), tuple(tangents[n] for n in names)
-    )
+    )[:2]
     return Derivative(value=value, derivative=derivative)
 
 
 def lagrangian_map_distillation_loss(
-    flow_map: Field,
-    teacher: Field,
+    flow_map: TwoTimeField,
+    teacher: VelocityField,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """LMD, semigradient (Boffi et al. 2024, Cor. 3.7; methods.md 3.2 item 1).
+    """LMD, semigradient (Boffi et al. 2024, Cor. 3.7).
 
     ``r = d_t X_{s,t}(x_s) - b_t(sg X_{s,t}(x_s))``: the teacher runs at the transported point and
     the end time ``t``, on a detached input and without gradient. Zero iff ``X`` is ``b``'s flow.
@@ -95,14 +96,14 @@ def lagrangian_map_distillation_loss(
 
 
 def eulerian_map_distillation_loss(
-    flow_map: Field,
-    teacher: Field,
+    flow_map: TwoTimeField,
+    teacher: VelocityField,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """EMD, semigradient (Boffi et al. 2024; methods.md 3.2 item 2).
+    """EMD, semigradient (Boffi et al. 2024, Sec. 3).
 
     ``r = d_s X_{s,t}(x_s) + sg(grad_x X_{s,t}(x_s) b_s(x_s))``: the teacher runs at the start point
     and time ``s``; the gradient flows through ``d_s X`` only (two JVPs, the second without graph).
@@ -116,14 +117,14 @@ def eulerian_map_distillation_loss(
 
 
 def progressive_map_distillation_loss(
-    flow_map: Field,
-    teacher_map: Field,
+    flow_map: TwoTimeField,
+    teacher_map: TwoTimeField,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """PFMM with K = 2 teacher jumps (methods.md 3.2 item 4).
+    """PFMM, progressive flow map matching (Boffi et al. 2024) with K = 2 teacher jumps.
 
     ``r = X_{s,t}(x_s) - sg(Xt_{u,t}(Xt_{s,u}(x_s)))``, ``u = (s + t) / 2``, with ``Xt`` a frozen
     teacher flow map valid for ``|t - s| / 2`` (initially one Euler step of a teacher velocity).
@@ -136,13 +137,13 @@ def progressive_map_distillation_loss(
 
 
 def lagrangian_self_distillation_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """LSD (Boffi et al. 2025, Prop. 2.3 and eq. 94; methods.md 4.2).
+    """LSD (Boffi et al. 2025, Prop. 2.3, with the stop-gradients of eq. 94).
 
     ``r = d_t X_{s,t}(x_s) - sg(v_{t,t}(sg X_{s,t}(x_s)))``: LMD whose teacher is the map's own
     diagonal ``v_{t,t}`` at the current parameters.
@@ -151,13 +152,13 @@ def lagrangian_self_distillation_loss(
 
 
 def eulerian_self_distillation_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """ESD (Boffi et al. 2025; methods.md 4.2).
+    """ESD, Eulerian self-distillation (Boffi et al. 2025, Prop. 2.3).
 
     ``r = d_s X_{s,t}(x_s) + sg(grad_x X_{s,t}(x_s) v_{s,s}(x_s))``: EMD whose teacher is the map's
     own diagonal.
@@ -166,14 +167,14 @@ def eulerian_self_distillation_loss(
 
 
 def progressive_self_distillation_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
     gamma: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """PSD, preconditioned slope residual (Boffi et al. 2025, Alg. 4; methods.md 4.2).
+    """PSD, preconditioned slope residual (Boffi et al. 2025, Alg. 4).
 
     ``u = gamma s + (1 - gamma) t``; ``r = v_{s,t}(x_s) - sg((1 - gamma) v_{s,u}(x_s)
     + gamma v_{u,t}(X_{s,u}(x_s)))``: the semigroup ``X_{s,t} = X_{u,t} o X_{s,u}`` divided by
@@ -190,13 +191,13 @@ def progressive_self_distillation_loss(
 
 
 def diagonal_flow_matching_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_t: Tensor,
     t: Tensor,
     target_velocity: Tensor,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """``L_b`` on the diagonal (methods.md 4.1): ``r = v_{t,t}(I_t) - dI_t/dt``, flow matching."""
+    """``L_b`` on the diagonal (Boffi et al. 2025, Prop. 2.3): ``r = v_{t,t}(I_t) - dI_t/dt``."""
     kw = model_kwargs or {}
     return _mean_square(flow_map.velocity(x_t, t, **kw) - target_velocity)
 
@@ -207,7 +208,7 @@ def adaptive_weight(squared_error: Tensor, power: float = 1.0, eps: float = 1e-3
 
 
 def meanflow_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
@@ -216,7 +217,7 @@ def meanflow_loss(
     eps: float = 1e-3,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
-    """MeanFlow (Geng et al. 2025; methods.md 5.1) written in flowmatch time (t = 0 noise).
+    """MeanFlow (Geng et al. 2025, eqs. 6, 9, 10) written in flowmatch time (t = 0 noise).
 
     Along a trajectory, ``(t - s) v_{s,t}(x_s) = x_t - x_s``; differentiating in ``s`` gives the
     identity ``v_{s,t}(x_s) = b_s(x_s) + (t - s) d/ds v_{s,t}(x_s)``, ``d/ds = d_s + b_s . grad_x``
@@ -243,9 +244,10 @@ class LearnedLossWeight(nn.Module):
     def __init__(self, embed_dim: int = 32, hidden: int = 64, time_scale: float = 100.0) -> None:
         super().__init__()
         self.embed = SinusoidalTimeEmbedding(embed_dim, scale=time_scale)
-        self.net = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        hidden_layer, output_layer = nn.Linear(2 * embed_dim, hidden), nn.Linear(hidden, 1)
+        nn.init.zeros_(output_layer.weight)
+        nn.init.zeros_(output_layer.bias)
+        self.net = nn.Sequential(hidden_layer, nn.SiLU(), output_layer)
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         """``w_{s,t}: [B]``."""

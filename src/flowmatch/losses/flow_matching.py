@@ -8,7 +8,7 @@ is the marginal velocity ``u_t(x) = E[d/dt x_t | x_t = x]`` (Theorem 2). The pat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +18,11 @@ from torch import Tensor
 from flowmatch.paths.affine import AffinePath
 from flowmatch.paths.time_samplers import UniformTimeSampler
 from flowmatch.shapes import check_same_shape, check_time
-from flowmatch.types import Coupling, TimeSampler
+from flowmatch.types import Coupling, TimeSampler, VelocityField
 
 
 def cfm_loss(
-    model: Callable[..., Tensor],
+    model: VelocityField,
     x1: Tensor,
     path: AffinePath,
     *,
@@ -43,16 +43,16 @@ def cfm_loss(
     """
     if x1.dim() < 2:
         raise ValueError(f"x1 must be [batch, *dims], got {list(x1.shape)}")
-    batch, like = x1.shape[0], {"device": x1.device, "dtype": x1.dtype}
+    batch = x1.shape[0]
     if x0 is None:
-        x0 = torch.randn(x1.shape, generator=generator, **like)
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
     if coupling is not None:
         x0 = coupling(x0, x1, generator=generator)
     if t is None:
         if time_sampler is None:
             schedule = path.schedule
             time_sampler = UniformTimeSampler(schedule.t_min, schedule.t_max)
-        t = time_sampler(batch, generator=generator, **like)
+        t = time_sampler(batch, generator=generator, device=x1.device, dtype=x1.dtype)
     else:
         check_time(t, x1)
     sample = path.sample(x0, x1, t)
@@ -75,7 +75,7 @@ class FlowMatchingObjective:
 
     def __call__(
         self,
-        model: Callable[..., Tensor],
+        model: VelocityField,
         batch: Mapping[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,

@@ -181,9 +181,12 @@ def image_metrics(
     ``[N, C, H, W]`` (float in ``[-1, 1]`` or uint8 pixels), in the features of ``extractor``: a
     shipped classifier or, from the user's local weights file, pytorch-fid's Inception-v3.
     """
-    features = inception_features if isinstance(extractor, InceptionV3) else extract_features
-    generated = features(extractor, samples)
-    real = features(extractor, reference)
+    if isinstance(extractor, InceptionV3):
+        generated = inception_features(extractor, samples)
+        real = inception_features(extractor, reference)
+    else:
+        generated = extract_features(extractor, samples)
+        real = extract_features(extractor, reference)
     kid = kernel_inception_distance(generated, real, kid_subset_size, kid_subsets, generator)
     quality = precision_recall(real, generated, k)
     return ImageMetrics(

@@ -11,12 +11,16 @@ the backbone's attention, if any, to the kernel that supports it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from flowmatch.shapes import broadcast_time
+
+
+class _SwitchableAttention(Protocol):
+    jvp_safe_attention: bool
 
 
 class FlowMapNet(nn.Module):
@@ -27,7 +31,7 @@ class FlowMapNet(nn.Module):
         if getattr(backbone, "num_times", None) != 2:
             raise ValueError("the backbone must take two time inputs (build it with num_times=2)")
         if hasattr(backbone, "jvp_safe_attention"):
-            backbone.jvp_safe_attention = True
+            cast(_SwitchableAttention, backbone).jvp_safe_attention = True
         self.backbone = backbone
         self.null_label = getattr(backbone, "null_label", None)
 

@@ -10,10 +10,10 @@ the null label (index ``num_classes``) for a random fraction of the samples (``d
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
+
+from flowmatch.types import VelocityField
 
 
 def drop_labels(
@@ -33,7 +33,7 @@ class GuidedVelocity(nn.Module):
 
     def __init__(
         self,
-        model: Callable[..., Tensor],
+        model: VelocityField,
         guidance_scale: float,
         null_label: int | None = None,
     ) -> None:

@@ -31,8 +31,8 @@ def _check_fraction(fraction: float) -> None:
 class DiagonalSplitTimePairs:
     """``floor(diagonal_fraction n)`` diagonal pairs ``s = t ~ U``, the rest uniform off it.
 
-    Boffi et al. (2025, Sec. 4.3; methods.md 4.3): ``eta = 0.75`` of the batch on the diagonal, the
-    others ``(s, t) = (min, max)`` of two ``U[t_min, t_max]`` draws (the upper triangle,
+    Boffi, Albergo & Vanden-Eijnden (2025, Table 2): ``eta = 0.75`` of the batch on the diagonal,
+    the others ``(s, t) = (min, max)`` of two ``U[t_min, t_max]`` draws (the upper triangle,
     generation direction). ``both_orders`` keeps the draws unsorted, covering the whole square,
     so backward maps ``s > t`` (data to noise) are learned too.
     """
@@ -66,7 +66,7 @@ class DiagonalSplitTimePairs:
 
 @dataclass(frozen=True)
 class LogitNormalTimePairs:
-    """MeanFlow's pairs (Geng et al. 2025; methods.md 5.1), in flowmatch time (t = 0 noise).
+    """MeanFlow's pairs (Geng et al. 2025, Table 1 ablations), in flowmatch time (t = 0 noise).
 
     Two draws ``sigmoid(mean + std z)``; off the diagonal ``(s, t) = (min, max)``; the first
     ``floor(diagonal_fraction n)`` pairs have ``t = s`` (the noisier draw). MeanFlow writes time

@@ -7,16 +7,16 @@ call counts the function evaluations (NFE). Finiteness is checked once at the en
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torchdiffeq
+import torchdiffeq  # type: ignore[import-untyped]  # torchdiffeq ships no type information
 from torch import Tensor
 
 from flowmatch.solvers.steps import STEP_RULES
 from flowmatch.solvers.time_grids import check_time_grid, uniform_time_grid
+from flowmatch.types import TwoTimeField, VelocityField
 
 METHODS = (*STEP_RULES, "dopri5")
 
@@ -59,7 +59,7 @@ def resolve_time_grid(
 
 
 def integrate(
-    field: Callable[..., Tensor],
+    field: VelocityField | TwoTimeField,
     x: Tensor,
     method: str = "rk4",
     *,
@@ -82,11 +82,12 @@ def integrate(
     batch = x.shape[0]
     if method == "dopri5":
         nfe = 0
+        velocity = cast(VelocityField, field)  # every method but "flow_map" takes a velocity
 
         def ode_func(t: Tensor, state: Tensor) -> Tensor:
             nonlocal nfe
             nfe += 1
-            return field(state, t.expand(batch), **model_kwargs)
+            return velocity(state, t.expand(batch), **model_kwargs)
 
         states = torchdiffeq.odeint(ode_func, x, grid, method="dopri5", atol=atol, rtol=rtol)
         x_end, trajectory = states[-1], (states if return_trajectory else None)
@@ -110,7 +111,7 @@ def integrate(
 
 
 def sample(
-    field: Callable[..., Tensor],
+    field: VelocityField | TwoTimeField,
     x0: Tensor,
     method: str = "rk4",
     *,

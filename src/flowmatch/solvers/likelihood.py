@@ -28,6 +28,7 @@ from torch import Tensor
 
 from flowmatch.paths.schedules import isotropic_normal_log_prob
 from flowmatch.solvers.integrate import integrate, resolve_time_grid
+from flowmatch.types import VelocityField
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _probes(n: int, x: Tensor, noise: str, generator: torch.Generator | None) ->
 
 
 def _velocity_and_vjps(
-    velocity: Callable[..., Tensor],
+    velocity: VelocityField,
     x: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any],
@@ -75,7 +76,7 @@ def _velocity_and_vjps(
 
 
 def log_likelihood(
-    velocity: Callable[..., Tensor],
+    velocity: VelocityField,
     x1: Tensor,
     *,
     divergence: Literal["exact", "hutchinson"] = "exact",
@@ -114,9 +115,11 @@ def log_likelihood(
         cotangents = _probes(probes, x1, noise, generator)
         n_div = probes
 
-    def augmented(state: Tensor, t: Tensor) -> Tensor:
-        x = state[:, :dim].reshape(shape)
-        v, rows = _velocity_and_vjps(velocity, x, t, model_kwargs, cotangents)
+    def augmented(x: Tensor, t: Tensor, **_: Any) -> Tensor:
+        """``(v, div v): [B, D + n_div]`` at the augmented state ``x = (point, g)``; a
+        :class:`~flowmatch.types.VelocityField` (``integrate`` passes it no kwargs)."""
+        point = x[:, :dim].reshape(shape)
+        v, rows = _velocity_and_vjps(velocity, point, t, model_kwargs, cotangents)
         if divergence == "exact":
             div = torch.diagonal(rows, dim1=0, dim2=2).sum(-1, keepdim=True)  # [B, 1]
         else:

@@ -15,12 +15,16 @@ from typing import Any
 from torch import Tensor
 
 from flowmatch.shapes import broadcast_time
+from flowmatch.types import TwoTimeField, VelocityField
 
-Field = Callable[..., Tensor]
+Step = Callable[[Any, Tensor, Tensor, Tensor, dict[str, Any]], Tensor]
+"""``step(field, x, s, t, model_kwargs) -> x_t``; ``field`` is a :class:`VelocityField` for the
+numerical rules and a :class:`TwoTimeField` (a flow map) for ``flow_map_step``, so a table of
+rules of both kinds types it ``Any``."""
 
 
 def euler_step(
-    velocity: Field, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
+    velocity: VelocityField, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
 ) -> Tensor:
     """``x + h v(x, s)``, ``h = t - s``."""
     h = broadcast_time(t - s, x)
@@ -28,7 +32,7 @@ def euler_step(
 
 
 def midpoint_step(
-    velocity: Field, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
+    velocity: VelocityField, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
 ) -> Tensor:
     """Explicit midpoint: ``x + h v(x + (h/2) v(x, s), s + h/2)``."""
     h = t - s
@@ -38,7 +42,7 @@ def midpoint_step(
 
 
 def heun_step(
-    velocity: Field, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
+    velocity: VelocityField, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
 ) -> Tensor:
     """Heun (explicit trapezoid): ``x + (h/2) (k1 + k2)``, ``k2 = v(x + h k1, t)``."""
     hb = broadcast_time(t - s, x)
@@ -48,7 +52,7 @@ def heun_step(
 
 
 def rk4_step(
-    velocity: Field, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
+    velocity: VelocityField, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
 ) -> Tensor:
     """Classical fourth-order Runge-Kutta."""
     h = t - s
@@ -62,7 +66,7 @@ def rk4_step(
 
 
 def flow_map_step(
-    flow_map: Field, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
+    flow_map: TwoTimeField, x: Tensor, s: Tensor, t: Tensor, model_kwargs: dict[str, Any]
 ) -> Tensor:
     """One jump of a flow map: ``X(x, s, t)``."""
     return flow_map(x, s, t, **model_kwargs)
@@ -75,7 +79,7 @@ class StepRule:
     name: str
     order: int
     nfe: int
-    step: Callable[[Field, Tensor, Tensor, Tensor, dict[str, Any]], Tensor]
+    step: Step
 
 
 STEP_RULES: dict[str, StepRule] = {

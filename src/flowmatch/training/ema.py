@@ -25,7 +25,10 @@ class EMA:
         self.warmup = warmup
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         # Listed once: walking the module tree every step costs more than the update itself.
-        self._pairs = (list(self.module.parameters()), [p.detach() for p in model.parameters()])
+        self._pairs: tuple[list[Tensor], list[Tensor]] = (
+            list(self.module.parameters()),
+            [p.detach() for p in model.parameters()],
+        )
         self._buffer_pairs = [
             (mine, theirs.detach())
             for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True)
