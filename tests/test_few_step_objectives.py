@@ -1,16 +1,19 @@
 """Few-step flow-map families: residuals at the exact Gaussian map, stop-gradients, short runs."""
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from flowmatch.losses.few_step import (
+    AlphaFlowObjective,
     ImprovedMeanFlowObjective,
     ShortcutObjective,
     ShortcutTimePairs,
     SplitMeanFlowObjective,
+    alpha_flow_loss,
     improved_meanflow_loss,
     shortcut_loss,
 )
@@ -241,6 +244,8 @@ TRAINED = {
     "shortcut": lambda path: ShortcutObjective(path, min_step=1 / 8, self_consistency_fraction=0.5),
     "split-meanflow": lambda path: SplitMeanFlowObjective(path),
     "improved-meanflow": lambda path: ImprovedMeanFlowObjective(path),
+    # alpha reaches 0 (MeanFlow) near step 300 of the 600.
+    "alpha-flow": lambda path: AlphaFlowObjective(path, end_step=400),
 }
 
 
@@ -275,7 +280,8 @@ def test_short_run_on_the_gaussian_oracle_learns_the_one_step_map(name):
     """A few hundred steps on a tiny MLP: one jump X(z, 0, 1) approaches m + S^{1/2} z. The same
     run with the conditional velocity's sign flipped (a sign error in the target) misses."""
     error, identity_error = _one_step_error(name, PATH, 600)  # identity: 2.29
-    # Measured after 600 steps (seeded): shortcut 0.26, SplitMeanFlow 0.28, iMF 0.39.
+    # Measured after 600 steps (seeded): shortcut 0.26, SplitMeanFlow 0.28, iMF 0.39,
+    # alpha-Flow 0.41.
     bound = 0.25 * identity_error
     assert error < bound
     flipped, _ = _one_step_error(name, ReversedVelocityPath(CondOTSchedule()), 150)
@@ -303,3 +309,48 @@ def test_state_is_the_learned_weight_and_labels_reach_the_model():
         plain = type(objective)(PATH)(model, {"x1": x1}, 0, torch.Generator().manual_seed(0))
         weighted = objective(model, {"x1": x1}, 0, torch.Generator().manual_seed(0))
         assert torch.allclose(plain, weighted, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["condot", "cosine"])
+def test_alpha_flow_is_meanflow_at_zero_and_its_discretisation_error_is_alpha_squared(
+    float64, schedule
+):
+    oracle = GaussianOracle(MEAN, COV, schedule)
+    x_s, s, t, _ = _points(oracle)
+    b_s = oracle.velocity(x_s, s)
+    assert alpha_flow_loss(oracle, x_s, s, t, b_s, 0.0).max() < 1e-20  # measured 1e-28
+    # With eps = 1 the loss is alpha |r|^2 / (|r|^2 + 1): invert it for the bare square. An Euler
+    # step over alpha (t - s) replaces the flow: r = O(alpha^2), |r|^2 = O(alpha^4).
+    squares = []
+    for alpha in (0.4, 0.2, 0.1):
+        y = alpha_flow_loss(oracle, x_s, s, t, b_s, alpha, eps=1.0) / alpha
+        squares.append((y / (1 - y)).mean())
+    assert squares[0] > 1e-4
+    for coarse, fine in itertools.pairwise(squares):
+        assert 12 < coarse / fine < 20  # measured 16-17
+    perturbed = PerturbedMap(oracle)
+    assert alpha_flow_loss(perturbed, x_s, s, t, perturbed.velocity(x_s, s), 0.0).mean() > 1e-2
+
+
+def test_alpha_flow_target_carries_no_gradient(float64):
+    net = _tiny_flow_map()
+    frozen = copy.deepcopy(net).requires_grad_(False)
+    x, s, t, velocity = _points(GaussianOracle(MEAN, COV), n=16)
+    alpha, eps = 0.3, 1e-3
+    u = s + alpha * (t - s)
+    x_u = x + (alpha * (t - s))[:, None] * velocity
+    target = (alpha * velocity + (1 - alpha) * frozen.slope(x_u, u, t)).detach()
+    square = _mse(net.slope(x, s, t) - target)
+    reference = alpha * square / (square.detach() + eps)
+    _assert_same_gradients(net, alpha_flow_loss(net, x, s, t, velocity, alpha, eps), reference)
+
+
+def test_alpha_flow_schedule_depends_on_the_step_alone():
+    objective = AlphaFlowObjective(PATH, end_step=1000, start_step=200)
+    alphas = [objective.alpha(step) for step in range(0, 1201, 50)]
+    assert alphas[0] == 1.0 and objective.alpha(600) == pytest.approx(0.5)
+    assert alphas[-1] == 0.0 and objective.alpha(1000) == 0.0  # 1 - sigmoid(12.5) < clamp
+    assert all(a >= b for a, b in itertools.pairwise(alphas))
+    assert objective.state_dict() == {}
+    with pytest.raises(ValueError, match="end_step"):
+        AlphaFlowObjective(PATH, end_step=10, start_step=10)

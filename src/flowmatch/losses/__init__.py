@@ -2,14 +2,16 @@
 
 Flow matching of a velocity (``cfm_loss``), and flow-map losses: distillation from a teacher
 velocity (Lagrangian, Eulerian, progressive), self-distillation and MeanFlow, and the few-step
-families (shortcut models, SplitMeanFlow, improved MeanFlow).
+families (shortcut models, SplitMeanFlow, improved MeanFlow, alpha-Flow).
 """
 
 from flowmatch.losses.few_step import (
+    AlphaFlowObjective,
     ImprovedMeanFlowObjective,
     ShortcutObjective,
     ShortcutTimePairs,
     SplitMeanFlowObjective,
+    alpha_flow_loss,
     improved_meanflow_loss,
     shortcut_loss,
 )
@@ -33,6 +35,7 @@ from flowmatch.losses.flow_maps import (
 from flowmatch.losses.flow_matching import FlowMatchingObjective, cfm_loss
 
 __all__ = [
+    "AlphaFlowObjective",
     "FlowMatchingObjective",
     "ImprovedMeanFlowObjective",
     "LearnedLossWeight",
@@ -42,6 +45,7 @@ __all__ = [
     "ShortcutObjective",
     "ShortcutTimePairs",
     "SplitMeanFlowObjective",
+    "alpha_flow_loss",
     "cfm_loss",
     "diagonal_flow_matching_loss",
     "directional_derivative",

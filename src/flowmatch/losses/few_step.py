@@ -1,4 +1,4 @@
-"""Few-step flow-map families of 2024-2025: shortcut models, SplitMeanFlow and improved MeanFlow.
+"""Few-step flow-map families of 2024-2025: shortcut models, SplitMeanFlow, iMF and alpha-Flow.
 
 This module owns their loss kernels and training objectives, written for a two-time flow map
 ``X_{s,t}(x) = x + (t - s) v_{s,t}(x)`` in flowmatch time (``t = 0`` noise, ``t = 1`` data; see
@@ -33,6 +33,7 @@ from flowmatch.losses.flow_maps import (
     adaptive_weight,
     diagonal_flow_matching_loss,
     directional_derivative,
+    meanflow_loss,
     progressive_self_distillation_loss,
 )
 from flowmatch.paths.affine import AffinePath
@@ -108,6 +109,45 @@ def improved_meanflow_loss(
         adaptive_weight(u_error, power, eps) * u_error
         + adaptive_weight(v_error, power, eps) * v_error
     )
+
+
+def alpha_flow_loss(
+    flow_map: Field,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    velocity: Tensor,
+    alpha: float,
+    eps: float = 1e-3,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """alpha-Flow (Zhang et al. 2025, arXiv 2510.20771; the official ``AlphaFlowLoss``).
+
+    In MeanFlow time the target is ``u_tgt = alpha v + (1 - alpha) u(z_t - alpha (t - r) v, r,
+    t - alpha (t - r))`` with the conditional velocity ``v``: ``alpha = 1`` is trajectory flow
+    matching, ``alpha -> 0`` MeanFlow. In flowmatch time, with ``u = s + alpha (t - s)`` and
+    ``velocity = dI_s/ds``:
+
+    ``r = v_{s,t}(x_s) - sg(alpha velocity + (1 - alpha) v_{u,t}(x_s + alpha (t - s) velocity))``,
+
+    loss ``alpha adaptive_weight(|r|^2, 1, eps) |r|^2`` (the code's weight ``alpha / (|r|^2 +
+    eps)``, which keeps the gradient's scale as ``r = O(alpha)``). At ``alpha = 0`` it is
+    :func:`~flowmatch.losses.flow_maps.meanflow_loss` (one JVP, weight ``1 / (|D|^2 + eps)``).
+    With the exact ``b_s`` for ``velocity`` the residual at the exact map is ``O(alpha^2 (t -
+    s))`` (an Euler step stands in for the flow over ``alpha (t - s)``): consistent as ``alpha
+    -> 0`` only. ``alpha`` is one float for the batch.
+    """
+    if alpha == 0.0:
+        return meanflow_loss(flow_map, x_s, s, t, velocity, 1.0, eps, model_kwargs)
+    kw = model_kwargs or {}
+    with torch.no_grad():
+        target = alpha * velocity
+        if alpha < 1.0:
+            gap = t - s
+            x_u = x_s + broadcast_time(alpha * gap, x_s) * velocity
+            target = target + (1.0 - alpha) * flow_map.slope(x_u, s + alpha * gap, t, **kw)
+    squared_error = _mean_square(flow_map.slope(x_s, s, t, **kw) - target)
+    return alpha * adaptive_weight(squared_error, 1.0, eps) * squared_error
 
 
 def _diagonal_then_off(
@@ -329,3 +369,76 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
             )
 
         return _diagonal_then_off(pairs, diagonal, mean_flow)
+
+
+class AlphaFlowObjective(_FlowMapObjective):
+    """alpha-Flow (Zhang et al. 2025): a curriculum from trajectory flow matching to MeanFlow.
+
+    ``alpha(step)`` follows the official sigmoid schedule ``alpha = 1 - sigmoid(gamma (step -
+    m) / (end_step - start_step))``, ``m`` the midpoint, with ``alpha = 1`` before
+    ``start_step``, ``0`` after ``end_step``, and values within ``clamp`` of 0 or 1 snapped to
+    them (defaults: ``gamma = 25``, ``clamp = 0.005``); it depends on ``step`` alone, so there is
+    no state. Off-diagonal pairs use :func:`alpha_flow_loss` at ``alpha(step)``; diagonal pairs
+    regress ``v_{t,t}`` on ``dI_t/dt`` with weight ``1 / (|r|^2 + eps)``. Pairs default to
+    :class:`~flowmatch.paths.time_pairs.LogitNormalTimePairs` with half the batch on the
+    diagonal (the official ``ratio_fm = 0.5``). Guidance is left out.
+    """
+
+    def __init__(
+        self,
+        path: AffinePath,
+        end_step: int,
+        start_step: int = 0,
+        gamma: float = 25.0,
+        clamp: float = 0.005,
+        time_pairs: TimePairSampler | None = None,
+        eps: float = 1e-3,
+    ) -> None:
+        if end_step <= start_step:
+            raise ValueError(f"end_step must exceed start_step, got {start_step} and {end_step}")
+        time_pairs = time_pairs or LogitNormalTimePairs(
+            diagonal_fraction=0.5, t_min=path.schedule.t_min, t_max=path.schedule.t_max
+        )
+        super().__init__(path, time_pairs, learned_weight=False)
+        self.start_step, self.end_step = start_step, end_step
+        self.gamma, self.clamp, self.eps = gamma, clamp, eps
+
+    def alpha(self, step: int) -> float:
+        """The curriculum's ``alpha`` at ``step``: 1 (trajectory flow matching) down to 0."""
+        if step < self.start_step:
+            return 1.0
+        if step > self.end_step:
+            return 0.0
+        middle = 0.5 * (self.start_step + self.end_step)
+        progress = (step - middle) / (self.end_step - self.start_step)
+        alpha = 1.0 - 1.0 / (1.0 + math.exp(-self.gamma * progress))
+        if alpha < self.clamp:
+            return 0.0
+        return 1.0 if alpha > 1.0 - self.clamp else alpha
+
+    def forward(
+        self,
+        model: nn.Module,
+        batch: dict[str, Tensor],
+        step: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        point, pairs, kw = self._draw(batch, generator)
+        alpha = self.alpha(step)
+
+        def diagonal(rows: slice) -> Tensor:
+            squared_error = diagonal_flow_matching_loss(
+                model, point.x_t[rows], pairs.t[rows], point.velocity[rows], _rows(kw, rows)
+            )
+            return adaptive_weight(squared_error, 1.0, self.eps) * squared_error
+
+        def trajectory(rows: slice) -> Tensor:
+            x_s, s, t, velocity = (
+                point.x_t[rows],
+                pairs.s[rows],
+                pairs.t[rows],
+                point.velocity[rows],
+            )
+            return alpha_flow_loss(model, x_s, s, t, velocity, alpha, self.eps, _rows(kw, rows))
+
+        return _diagonal_then_off(pairs, diagonal, trajectory)
