@@ -1,9 +1,20 @@
 """Training objectives: per-sample losses ``[B]`` averaged over the non-batch dimensions.
 
 Flow matching of a velocity (``cfm_loss``), and flow-map losses: distillation from a teacher
-velocity (Lagrangian, Eulerian, progressive), self-distillation and MeanFlow.
+velocity (Lagrangian, Eulerian, progressive), self-distillation and MeanFlow, and the few-step
+families (shortcut models, SplitMeanFlow, improved MeanFlow, alpha-Flow).
 """
 
+from flowmatch.losses.few_step import (
+    AlphaFlowObjective,
+    ImprovedMeanFlowObjective,
+    ShortcutObjective,
+    ShortcutTimePairs,
+    SplitMeanFlowObjective,
+    alpha_flow_loss,
+    improved_meanflow_loss,
+    shortcut_loss,
+)
 from flowmatch.losses.flow_map_objectives import (
     MapDistillationObjective,
     MeanFlowObjective,
@@ -24,19 +35,27 @@ from flowmatch.losses.flow_maps import (
 from flowmatch.losses.flow_matching import FlowMatchingObjective, cfm_loss
 
 __all__ = [
+    "AlphaFlowObjective",
     "FlowMatchingObjective",
+    "ImprovedMeanFlowObjective",
     "LearnedLossWeight",
     "MapDistillationObjective",
     "MeanFlowObjective",
     "SelfDistillationObjective",
+    "ShortcutObjective",
+    "ShortcutTimePairs",
+    "SplitMeanFlowObjective",
+    "alpha_flow_loss",
     "cfm_loss",
     "diagonal_flow_matching_loss",
     "directional_derivative",
     "eulerian_map_distillation_loss",
     "eulerian_self_distillation_loss",
+    "improved_meanflow_loss",
     "lagrangian_map_distillation_loss",
     "lagrangian_self_distillation_loss",
     "meanflow_loss",
     "progressive_map_distillation_loss",
     "progressive_self_distillation_loss",
+    "shortcut_loss",
 ]
