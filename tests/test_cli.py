@@ -9,8 +9,9 @@ import torch
 
 import flowmatch
 from flowmatch.cli.main import main
-from flowmatch.presets import PRESETS, preset_config
-from flowmatch.runs import DataSpec, build_model, load_run
+from flowmatch.app.presets import PRESETS, preset_config
+from flowmatch.app.build import DataSpec, build_model
+from flowmatch.app.runs import load_run
 from flowmatch.solvers import log_likelihood, sample
 
 TINY = ["model.hidden=32", "model.depth=2", "train.batch_size=64", "train.log_every=10"]

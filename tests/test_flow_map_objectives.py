@@ -7,10 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from flowmatch.losses.flow_map_objectives import (
+from flowmatch.losses import (
     MapDistillationObjective,
     MeanFlowObjective,
+    ProgressiveMapDistillationObjective,
     SelfDistillationObjective,
+    esd,
+    eulerian_map_distillation_loss,
+    lagrangian_map_distillation_loss,
+    lsd,
+    psd_midpoint,
+    psd_uniform,
 )
 from flowmatch.nets import MLP, FlowMapNet
 from flowmatch.oracles import GaussianOracle
@@ -62,12 +69,12 @@ def test_logit_normal_pairs_are_meanflow_pairs_in_flowmatch_time():
     assert abs((all_s <= 0.5).double().mean() - p_s) < 5 * math.sqrt(p_s * (1 - p_s) / n)
 
 
-@pytest.mark.parametrize("kind", ["lsd", "esd", "psd-mid", "psd-uniform"])
+@pytest.mark.parametrize("distill", [lsd, esd, psd_midpoint, psd_uniform])
 @pytest.mark.parametrize("both_orders", [False, True])
-def test_self_distillation_at_the_exact_map(float64, kind, both_orders):
+def test_self_distillation_at_the_exact_map(float64, distill, both_orders):
     oracle = GaussianOracle(MEAN, COV)
     objective = SelfDistillationObjective(
-        PATH, kind=kind, learned_weight=False, both_orders=both_orders
+        PATH, distill, learned_weight=False, both_orders=both_orders
     )
     batch = {"x1": oracle.sample(64, torch.Generator().manual_seed(2))}
     loss = objective(oracle, batch, step=0, generator=torch.Generator().manual_seed(3))
@@ -78,7 +85,7 @@ def test_self_distillation_at_the_exact_map(float64, kind, both_orders):
     assert loss[:48].mean() > 0.1
     # With the learned weight at initialisation (w = 0) the loss is unchanged.
     weighted = SelfDistillationObjective(
-        PATH, kind=kind, learned_weight=True, both_orders=both_orders
+        PATH, distill, learned_weight=True, both_orders=both_orders
     )
     again = weighted(oracle, batch, step=0, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(again, loss, atol=1e-12)
@@ -88,14 +95,14 @@ def test_map_distillation_at_the_exact_map(float64):
     oracle = GaussianOracle(MEAN, COV)
     g = torch.Generator().manual_seed(3)
     batch = {"x1": oracle.sample(64, g)}
-    for kind in ("lmd", "emd"):
-        objective = MapDistillationObjective(PATH, oracle.velocity, kind=kind)
-        assert objective(oracle, batch, 0, g).max() < 1e-20, kind
+    for loss in (lagrangian_map_distillation_loss, eulerian_map_distillation_loss):
+        objective = MapDistillationObjective(PATH, oracle.velocity, loss)
+        assert objective(oracle, batch, 0, g).max() < 1e-20, loss.__name__
     # PFMM's phase-0 teacher map is two Euler half steps over a gap <= 2 tau0: the residual of
     # the exact map is O(tau0^2), its square O(tau0^4): halving tau0 divides it by about 16.
     values = []
     for tau0 in (1 / 16, 1 / 32):
-        objective = MapDistillationObjective(PATH, oracle.velocity, kind="pfmm", pfmm_tau0=tau0)
+        objective = ProgressiveMapDistillationObjective(PATH, oracle.velocity, tau0=tau0)
         values.append(objective(oracle, batch, 0, torch.Generator().manual_seed(4)).mean())
     assert 0 < values[1] < values[0] / 10
 
@@ -112,15 +119,15 @@ def _teacher():
 
 
 OBJECTIVES = {
-    "lsd-learned": lambda: SelfDistillationObjective(PATH, kind="lsd", learned_weight=True),
-    "esd": lambda: SelfDistillationObjective(PATH, kind="esd", learned_weight=False),
+    "lsd-learned": lambda: SelfDistillationObjective(PATH, lsd, learned_weight=True),
+    "esd": lambda: SelfDistillationObjective(PATH, esd, learned_weight=False),
     "psd-uniform-both": lambda: SelfDistillationObjective(
-        PATH, "psd-uniform", learned_weight=True, both_orders=True
+        PATH, psd_uniform, learned_weight=True, both_orders=True
     ),
     "meanflow": lambda: MeanFlowObjective(PATH),
-    "lmd": lambda: MapDistillationObjective(PATH, _teacher(), kind="lmd", learned_weight=True),
-    "emd": lambda: MapDistillationObjective(PATH, _teacher(), kind="emd"),
-    "pfmm": lambda: MapDistillationObjective(PATH, _teacher(), kind="pfmm", pfmm_phase_steps=2),
+    "lmd": lambda: MapDistillationObjective(PATH, _teacher(), learned_weight=True),
+    "emd": lambda: MapDistillationObjective(PATH, _teacher(), eulerian_map_distillation_loss),
+    "pfmm": lambda: ProgressiveMapDistillationObjective(PATH, _teacher(), phase_steps=2),
 }
 
 
@@ -164,16 +171,16 @@ def test_state_dict_round_trip_resumes_exactly(name):
 
 def test_teacher_is_frozen_and_not_part_of_the_objective():
     teacher = _teacher()
-    objective = MapDistillationObjective(PATH, teacher, kind="lmd")
+    objective = MapDistillationObjective(PATH, teacher)
     assert not any(p.requires_grad for p in teacher.parameters())
     assert list(objective.parameters()) == [] and objective.state_dict() == {}
-    pfmm = MapDistillationObjective(PATH, teacher, kind="pfmm", pfmm_phase_steps=1)
+    pfmm = ProgressiveMapDistillationObjective(PATH, teacher, phase_steps=1)
     model = _flow_map_net()
     pfmm(model, {"x1": torch.randn(8, 2)}, 1, torch.Generator().manual_seed(0))
     state = pfmm.state_dict()
     assert list(pfmm.parameters()) == []
     assert not any(k.startswith(("teacher.", "net.")) for k in state)
-    assert set(state) == {"pfmm_phase"} | {f"teacher_map.{k}" for k in model.state_dict()}
+    assert set(state) == {"phase"} | {f"teacher_map.{k}" for k in model.state_dict()}
     # The copy is frozen: a step on the model leaves the teacher map as it was.
     before = {k: v.clone() for k, v in state.items()}
     loss = pfmm(model, {"x1": torch.randn(8, 2)}, 1, torch.Generator().manual_seed(1))

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Loaded on first use, so that `import flowmatch` stays light.
     if name in ("load_run", "export_run"):
-        from flowmatch import runs
+        from flowmatch.app import runs
 
         return getattr(runs, name)
     raise AttributeError(f"module 'flowmatch' has no attribute {name!r}")

@@ -8,6 +8,7 @@ the format follows the suffix, PNG for ``.png``) and returns it as a ``Path``.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from flowmatch.training.files import atomic_write
 
 ArrayLike = Tensor | np.ndarray | Sequence[float]
 
@@ -28,9 +31,11 @@ def _numpy(values: ArrayLike) -> np.ndarray:
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` to ``path`` atomically (a symlink there is replaced, never followed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format=path.suffix.lstrip(".") or "png")
+    atomic_write(path, buffer.getvalue())
     return path
 
 
@@ -184,10 +189,11 @@ def save_image_grid(images: ArrayLike, path: str | Path, nrow: int = 8, scale: i
     """Write ``image_grid(images, nrow)`` with each pixel a ``scale x scale`` block (PNG for
     ``.png``); a scale above 1 makes small images such as 8x8 digits readable."""
     grid = image_grid(images, nrow).repeat(scale, axis=0).repeat(scale, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, buffer = Path(path), io.BytesIO()
+    image_format = path.suffix.lstrip(".") or "png"
     if grid.ndim == 2:
-        matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
+        matplotlib.image.imsave(buffer, grid, cmap="gray", vmin=0, vmax=255, format=image_format)
     else:
-        matplotlib.image.imsave(path, grid)
+        matplotlib.image.imsave(buffer, grid, format=image_format)
+    atomic_write(path, buffer.getvalue())
     return path

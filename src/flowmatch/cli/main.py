@@ -7,17 +7,20 @@ a corrupt or foreign checkpoint) ends in one line on stderr and exit status 2, w
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from flowmatch.presets import PRESETS, RunConfig
+from flowmatch.app.config import SOLVERS, RunConfig
+from flowmatch.app.objectives import DISTILLATIONS, OBJECTIVES
+from flowmatch.app.presets import PRESETS
 from flowmatch.training.checkpoint import CheckpointError
 from flowmatch.training.config import ConfigError
+from flowmatch.training.files import RunFileError
 from flowmatch.training.loop import TrainingDiverged
 
 EXIT_USAGE = 2
@@ -45,6 +48,7 @@ def _config_keys_help() -> str:
         values = getattr(defaults, section.name)
         keys = ", ".join(f"{f.name}={getattr(values, f.name)}" for f in fields(values))
         lines.append(f"  {section.name}: {keys}")
+    lines.append("objectives (objective=NAME): " + ", ".join(OBJECTIVES))
     return "\n".join(lines)
 
 
@@ -54,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, sample, distill and evaluate flow-matching and flow-map models.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    solvers = ["euler", "midpoint", "heun", "rk4", "dopri5", "flow_map"]
+    solvers = list(SOLVERS)
 
     train = commands.add_parser(
         "train",
@@ -63,20 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config keys as section.key=value, with their defaults (a section name alone sets "
         "its name, e.g. objective=lsd):\n" + _config_keys_help(),
     )
-    train.add_argument("--preset", required=True, help="a preset name (see `flowmatch presets`)")
+    train.add_argument("--preset", help="a preset name (see `flowmatch presets`)")
+    train.add_argument(
+        "--config", type=Path, help="a config file (JSON; a run's config.json is one)"
+    )
     train.add_argument("--out", type=Path, help="run folder (default: runs/PRESET)")
     train.add_argument("--max-steps", type=int, help="train this many steps (train.steps)")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue the run in RUN from its last checkpoint (alone: with its stored config)",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     distill = commands.add_parser(
         "distill", help="distil a trained velocity run into a flow map, or reflow it"
     )
     distill.add_argument("--teacher", type=Path, required=True, help="the teacher's run folder")
-    distill.add_argument("--objective", required=True, choices=["lmd", "emd", "pfmm", "reflow"])
+    distill.add_argument("--objective", required=True, choices=DISTILLATIONS)
     distill.add_argument("--out", type=Path, help="run folder (default: runs/TEACHER-OBJECTIVE)")
     distill.add_argument("--max-steps", type=int, help="train this many steps (train.steps)")
-    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     distill.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     sample = commands.add_parser("sample", help="draw samples from a trained run")
@@ -88,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the flow map for flow-map runs, else eval.solver",
     )
     sample.add_argument("--steps", type=int, help="steps of a fixed-step solver or flow map")
-    sample.add_argument("--out", type=Path, help="output .npz (default: RUN_DIR/samples.npz)")
+    sample.add_argument(
+        "--out", type=Path, help="output file, NumPy .npz format (default: RUN_DIR/samples.npz)"
+    )
     sample.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     sample.add_argument("--trajectories", action="store_true", help="also draw the paths (2-D)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -133,61 +146,78 @@ def cmd_presets(_: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from flowmatch.cli.train import train_command
+    from flowmatch.app.training import run_training, settle_config
 
-    train_command(args)
+    config = settle_config(
+        preset=args.preset,
+        config_file=args.config,
+        resume=args.resume,
+        overrides=list(args.overrides),
+        max_steps=args.max_steps,
+    )
+    name = args.preset or (args.config.stem if args.config else "run")
+    run_dir = args.resume or args.out or Path("runs") / name
+    if args.resume is not None and args.out is not None and args.out != args.resume:
+        raise UsageError("--resume RUN continues RUN in place: drop --out")
+    print(run_training(config, run_dir, resume=args.resume is not None))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from flowmatch.cli.train import distill_command
+    from flowmatch.app.training import distill_config, run_training
 
-    distill_command(args)
+    config = distill_config(args.teacher, args.objective, list(args.overrides), args.max_steps)
+    run_dir = args.out or Path("runs") / f"{Path(args.teacher).name}-{args.objective}"
+    print(run_training(config, run_dir, resume=False))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from flowmatch import plotting
-    from flowmatch.evaluation import generate
-    from flowmatch.runs import load_run
+    from flowmatch.app.evaluation import check_sampling, default_method, generate, write_samples
+    from flowmatch.app.runs import load_run
 
     run = load_run(args.run_dir)
+    method = args.solver or default_method(run)
+    check_sampling(run, method, args.steps, args.n, args.guidance)
     result = generate(
         run,
         args.n,
-        method=args.solver,
+        method=method,
         steps=args.steps,
         seed=args.seed,
         guidance=args.guidance,
         return_trajectory=args.trajectories,
     )
-    out = args.out or run.run_dir / "samples.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"samples": result.x.numpy(), "time_grid": result.time_grid.numpy()}
-    if result.trajectory is not None:
-        arrays["trajectory"] = result.trajectory.numpy()
-    np.savez(out, **arrays)
-    picture = out.with_suffix(".png")
-    if run.spec.shape == (2,):
-        plotting.plot_samples_2d(result.x, picture, title=f"{run.run_dir.name} ({result.nfe} NFE)")
-        if result.trajectory is not None:
-            plotting.plot_trajectories_2d(result.trajectory, out.with_name("trajectories.png"))
-    elif len(run.spec.shape) == 3:  # conditional runs: one column per class
-        nrow = run.spec.num_classes or 8
-        scale = max(1, 64 // run.spec.shape[-1])  # 8x8 digits: 8x, 28x28: 2x
-        plotting.save_image_grid(result.x[: nrow * 8], picture, nrow=nrow, scale=scale)
-    print(f"wrote {out} and {picture} ({args.n} samples, {result.nfe} NFE)")
+    written = write_samples(run, result, args.out)
+    print(f"wrote {' and '.join(map(str, written))} ({args.n} samples, {result.nfe} NFE)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from flowmatch.cli.evaluate import eval_command
+    from flowmatch.app.evaluation import evaluate_run, write_report
+    from flowmatch.app.runs import load_run
+    from flowmatch.cli.evaluate import print_report
 
-    eval_command(args)
+    run = load_run(args.run_dir)
+    report = evaluate_run(
+        run,
+        method=args.solver,
+        steps=args.steps,
+        n=args.n,
+        seed=args.seed,
+        guidance=args.guidance,
+        inception_weights=args.inception_weights,
+        nll=not args.no_nll,
+    )
+    write_report(run, report, args.steps)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from flowmatch.runs import export_run
+    from flowmatch.app.runs import export_run
 
     weights = export_run(args.run_dir, args.out or args.run_dir / "export")
-    print(f"wrote {weights} and its config.json")
+    print(f"wrote {weights} and its config.json; load it with flowmatch.load_run")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -210,7 +240,7 @@ COMMANDS = {
 
 def _set_threads(run_dir: Path) -> None:
     """Use the run's thread count for sampling and evaluation too."""
-    from flowmatch.runs import read_config
+    from flowmatch.app.runs import read_config
 
     threads = read_config(run_dir).train.num_threads
     if threads is not None:
@@ -235,8 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConfigError,
         CheckpointError,
         UsageError,
+        RunFileError,
         FileNotFoundError,
         FileExistsError,
+        PermissionError,
+        IsADirectoryError,
         ValueError,
     ) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -18,7 +18,12 @@ from flowmatch.losses.few_step import (
 from flowmatch.losses.flow_map_objectives import (
     MapDistillationObjective,
     MeanFlowObjective,
+    ProgressiveMapDistillationObjective,
     SelfDistillationObjective,
+    esd,
+    lsd,
+    psd_midpoint,
+    psd_uniform,
 )
 from flowmatch.losses.flow_maps import (
     LearnedLossWeight,
@@ -41,6 +46,7 @@ __all__ = [
     "LearnedLossWeight",
     "MapDistillationObjective",
     "MeanFlowObjective",
+    "ProgressiveMapDistillationObjective",
     "SelfDistillationObjective",
     "ShortcutObjective",
     "ShortcutTimePairs",
@@ -49,13 +55,17 @@ __all__ = [
     "cfm_loss",
     "diagonal_flow_matching_loss",
     "directional_derivative",
+    "esd",
     "eulerian_map_distillation_loss",
     "eulerian_self_distillation_loss",
     "improved_meanflow_loss",
     "lagrangian_map_distillation_loss",
     "lagrangian_self_distillation_loss",
+    "lsd",
     "meanflow_loss",
     "progressive_map_distillation_loss",
     "progressive_self_distillation_loss",
+    "psd_midpoint",
+    "psd_uniform",
     "shortcut_loss",
 ]

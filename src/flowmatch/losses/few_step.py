@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from flowmatch.losses.flow_map_objectives import _FlowMapObjective
 from flowmatch.losses.flow_maps import (
-    Field,
     _mean_square,
     adaptive_weight,
     diagonal_flow_matching_loss,
@@ -39,12 +38,13 @@ from flowmatch.losses.flow_maps import (
 from flowmatch.paths.affine import AffinePath
 from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
 from flowmatch.shapes import broadcast_time
+from flowmatch.types import FlowMap
 
 TimePairSampler = Callable[..., TimePairs]
 
 
 def shortcut_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_s: Tensor,
     s: Tensor,
     d: Tensor,
@@ -72,7 +72,7 @@ def shortcut_loss(
 
 
 def improved_meanflow_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,
@@ -112,7 +112,7 @@ def improved_meanflow_loss(
 
 
 def alpha_flow_loss(
-    flow_map: Field,
+    flow_map: FlowMap,
     x_s: Tensor,
     s: Tensor,
     t: Tensor,

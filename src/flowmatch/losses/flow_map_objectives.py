@@ -6,14 +6,17 @@ they draw the path's noise ``x0 ~ N(0, I)``, the ``(s, t)`` pairs (by default on
 ``[t_min, t_max]``) and any extra randomness from ``generator``, in that order, pass
 ``batch["y"]`` to the model as ``y`` when present, and return per-sample losses.
 Objectives are ``nn.Module``s; their ``state_dict`` holds everything a resumed run needs (the
-learned loss weight, the PFMM phase and teacher-map copy), never a teacher velocity.
+learned loss weight, the PFMM phase and teacher-map copy), never a teacher velocity. Which loss
+an objective applies is a function passed in (:func:`lsd`, ``lagrangian_map_distillation_loss``,
+...), not a name.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +25,6 @@ from flowmatch.losses.flow_maps import (
     LearnedLossWeight,
     adaptive_weight,
     diagonal_flow_matching_loss,
-    eulerian_map_distillation_loss,
     eulerian_self_distillation_loss,
     lagrangian_map_distillation_loss,
     lagrangian_self_distillation_loss,
@@ -87,34 +89,62 @@ class _FlowMapObjective(nn.Module):
         return loss if self.loss_weight is None else self.loss_weight.weigh(loss, pairs.s, pairs.t)
 
 
-SelfDistillationKind = Literal["lsd", "esd", "psd-mid", "psd-uniform"]
+OffDiagonalLoss = Callable[
+    [nn.Module, Tensor, Tensor, Tensor, dict[str, Tensor], torch.Generator | None], Tensor
+]
+"""``loss(flow_map, x_s, s, t, model_kwargs, generator) -> [B]``: a self-distillation term."""
+
+
+def lsd(model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
+    """Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3)."""
+    return lagrangian_self_distillation_loss(model, x_s, s, t, kw)
+
+
+def esd(model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
+    """Eulerian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3)."""
+    return eulerian_self_distillation_loss(model, x_s, s, t, kw)
+
+
+def psd_midpoint(
+    model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any
+) -> Tensor:
+    """Progressive self-distillation through the midpoint ``gamma = 1/2`` (Boffi, Albergo,
+    Vanden-Eijnden 2025, Alg. 4)."""
+    return progressive_self_distillation_loss(model, x_s, s, t, torch.full_like(s, 0.5), kw)
+
+
+def psd_uniform(
+    model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any
+) -> Tensor:
+    """Progressive self-distillation through ``gamma ~ U(0, 1)`` drawn from ``generator``."""
+    gamma = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
+    return progressive_self_distillation_loss(model, x_s, s, t, gamma, kw)
 
 
 class SelfDistillationObjective(_FlowMapObjective):
-    """Flow-map self-distillation ``L_b + L_D`` (Boffi, Albergo, Vanden-Eijnden 2025; methods.md 4).
+    """Flow-map self-distillation ``L_b + L_D`` (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3).
 
     The first ``floor(diagonal_fraction B)`` samples carry the diagonal flow-matching loss
-    ``|v_{t,t}(I_t) - dI_t/dt|^2``, the rest the off-diagonal ``kind`` (LSD, ESD, PSD with the
-    midpoint or a uniform ``gamma``), each optionally weighted by ``exp(-w_{s,t}) L + w_{s,t}``.
-    ``both_orders`` also trains backward maps ``s > t``. The model's current parameters are
-    its own teacher (no EMA teacher); dropout masks are not shared between the two calls.
+    ``|v_{t,t}(I_t) - dI_t/dt|^2``, the rest the off-diagonal term ``distill`` (:func:`lsd`,
+    :func:`esd`, :func:`psd_midpoint`, :func:`psd_uniform` or any ``OffDiagonalLoss``), each
+    optionally weighted by ``exp(-w_{s,t}) L + w_{s,t}``. ``both_orders`` also trains backward
+    maps ``s > t``. The model's current parameters are its own teacher (no EMA teacher);
+    dropout masks are not shared between the two calls.
     """
 
     def __init__(
         self,
         path: AffinePath,
-        kind: SelfDistillationKind = "lsd",
+        distill: OffDiagonalLoss = lsd,
         diagonal_fraction: float = 0.75,
         learned_weight: bool = False,
         both_orders: bool = False,
     ) -> None:
-        if kind not in ("lsd", "esd", "psd-mid", "psd-uniform"):
-            raise ValueError(f"unknown self-distillation kind {kind!r}")
         time_pairs = DiagonalSplitTimePairs(
             diagonal_fraction, both_orders, path.schedule.t_min, path.schedule.t_max
         )
         super().__init__(path, time_pairs, learned_weight)
-        self.kind = kind
+        self.distill = distill
 
     def forward(
         self,
@@ -128,19 +158,10 @@ class SelfDistillationObjective(_FlowMapObjective):
         def diagonal(x_t: Tensor, t: Tensor, velocity: Tensor, kw: dict) -> Tensor:
             return diagonal_flow_matching_loss(model, x_t, t, velocity, kw)
 
-        def distill(x_s: Tensor, s: Tensor, t: Tensor, velocity: Tensor, kw: dict) -> Tensor:
-            if self.kind == "lsd":
-                return lagrangian_self_distillation_loss(model, x_s, s, t, kw)
-            if self.kind == "esd":
-                return eulerian_self_distillation_loss(model, x_s, s, t, kw)
-            gamma = (
-                torch.full_like(s, 0.5)
-                if self.kind == "psd-mid"
-                else torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
-            )
-            return progressive_self_distillation_loss(model, x_s, s, t, gamma, kw)
+        def off_diagonal(x_s: Tensor, s: Tensor, t: Tensor, velocity: Tensor, kw: dict) -> Tensor:
+            return self.distill(model, x_s, s, t, kw, generator)
 
-        return self._weigh(_diagonal_then_off(point, pairs, kw, diagonal, distill), pairs)
+        return self._weigh(_diagonal_then_off(point, pairs, kw, diagonal, off_diagonal), pairs)
 
 
 class MeanFlowObjective(_FlowMapObjective):
@@ -184,73 +205,61 @@ class MeanFlowObjective(_FlowMapObjective):
         return _diagonal_then_off(point, pairs, kw, diagonal, mean_flow)
 
 
-MapDistillationKind = Literal["lmd", "emd", "pfmm"]
+MapDistillationLoss = Callable[..., Tensor]
+"""``loss(flow_map, teacher, x_s, s, t, model_kwargs) -> [B]``, e.g.
+:func:`~flowmatch.losses.flow_maps.lagrangian_map_distillation_loss` (LMD) or
+:func:`~flowmatch.losses.flow_maps.eulerian_map_distillation_loss` (EMD)."""
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    """A network the objective calls but does not own: out of its parameters, ``state_dict``
+    and ``.to()`` (a plain attribute, not a submodule)."""
+
+    call: Callable[..., Tensor]
+
+
+def _weights(frozen: _Frozen) -> dict[str, Tensor]:
+    """The weights of a frozen module (a PFMM teacher-map copy)."""
+    assert isinstance(frozen.call, nn.Module)
+    return frozen.call.state_dict()
+
+
+def _frozen(network: Callable[..., Tensor]) -> _Frozen:
+    """``network`` (a module, or a module's method such as ``.velocity``) frozen in eval mode."""
+    owner = network if isinstance(network, nn.Module) else getattr(network, "__self__", None)
+    if isinstance(owner, nn.Module):
+        owner.requires_grad_(False).eval()
+    return _Frozen(network)
 
 
 class MapDistillationObjective(_FlowMapObjective):
-    """Distil a teacher velocity into a flow map: LMD, EMD or PFMM (Boffi et al. 2024, Sec. 3).
+    """Distil a teacher velocity into a flow map (Boffi, Albergo, Vanden-Eijnden 2024, Sec. 3):
+    ``loss`` is LMD (default) or EMD.
 
-    ``teacher(x, t, **kw)`` is any velocity (a trained model or an oracle). It is frozen
-    (``requires_grad_(False)`` and ``eval()`` if it is a module or a module's method), kept out
-    of this module's parameters and out of its ``state_dict``: a resumed run rebuilds the
-    objective with the same teacher, reloaded from the teacher run's own checkpoint (its path
-    belongs in the run's config). Pairs default to the upper triangle (methods.md 3.2).
-
-    PFMM (``kind="pfmm"``) is progressive: in phase ``k = step // pfmm_phase_steps`` the teacher
-    map is valid for ``|t - s| <= tau_k = pfmm_tau0 2^k`` and the student trains on
-    ``|t - s| <= min(1, 2 tau_k)`` (off-diagonal gaps shrunk by that factor). Phase 0's teacher map
-    is one Euler step of ``teacher``; each later phase starts from a frozen copy of the model.
-    The phase and that copy are in ``state_dict`` (keys ``pfmm_phase`` and ``teacher_map.*``).
+    ``teacher(x, t, **kw)`` is any velocity (a trained model or an oracle). It is frozen and
+    kept out of this module's parameters and ``state_dict``: a resumed run rebuilds the
+    objective with the same teacher. Pairs default to the upper triangle ``s <= t``.
     """
 
     def __init__(
         self,
         path: AffinePath,
         teacher: Callable[..., Tensor],
-        kind: MapDistillationKind = "lmd",
+        loss: MapDistillationLoss = lagrangian_map_distillation_loss,
         time_pairs: TimePairSampler | None = None,
         learned_weight: bool = False,
-        pfmm_tau0: float = 1.0 / 32.0,
-        pfmm_phase_steps: int = 2000,
     ) -> None:
-        if kind not in ("lmd", "emd", "pfmm"):
-            raise ValueError(f"unknown map distillation kind {kind!r}")
         time_pairs = time_pairs or DiagonalSplitTimePairs(
             0.0, t_min=path.schedule.t_min, t_max=path.schedule.t_max
         )
         super().__init__(path, time_pairs, learned_weight)
-        owner = teacher if isinstance(teacher, nn.Module) else getattr(teacher, "__self__", None)
-        if isinstance(owner, nn.Module):
-            owner.requires_grad_(False).eval()
-        # Plain attributes (not submodules): out of parameters(), state_dict() and .to().
-        self.__dict__["teacher"] = teacher
-        self.__dict__["_teacher_map"] = None
-        self.kind = kind
-        self.pfmm_tau0 = pfmm_tau0
-        self.pfmm_phase_steps = pfmm_phase_steps
-        self.phase = 0
-        self._pending_teacher_map: dict[str, Tensor] | None = None
+        self._teacher = _frozen(teacher)
+        self.loss = loss
 
     @property
-    def tau(self) -> float:
-        """Range of validity of the current PFMM teacher map: ``pfmm_tau0 2^phase``."""
-        return self.pfmm_tau0 * 2.0**self.phase
-
-    def _euler_teacher_map(self, x: Tensor, s: Tensor, t: Tensor, **kw: Any) -> Tensor:
-        return euler_step(self.teacher, x, s, t, kw)
-
-    def _teacher_map_for(self, model: nn.Module, step: int) -> Callable[..., Tensor]:
-        """The PFMM teacher map of ``step``'s phase; copies ``model`` when a new phase begins."""
-        phase = step // self.pfmm_phase_steps
-        if self._pending_teacher_map is not None:
-            restored = copy.deepcopy(model).requires_grad_(False).eval()
-            restored.load_state_dict(self._pending_teacher_map)
-            self.__dict__["_teacher_map"] = restored
-            self._pending_teacher_map = None
-        if phase > self.phase:
-            self.__dict__["_teacher_map"] = copy.deepcopy(model).requires_grad_(False).eval()
-            self.phase = phase
-        return self._teacher_map if self._teacher_map is not None else self._euler_teacher_map
+    def teacher(self) -> Callable[..., Tensor]:
+        return self._teacher.call
 
     def forward(
         self,
@@ -260,60 +269,89 @@ class MapDistillationObjective(_FlowMapObjective):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         point, pairs, kw = self._draw(batch, generator)
-        if self.kind == "lmd":
-            loss = lagrangian_map_distillation_loss(
-                model, self.teacher, point.x_t, pairs.s, pairs.t, kw
-            )
-        elif self.kind == "emd":
-            loss = eulerian_map_distillation_loss(
-                model, self.teacher, point.x_t, pairs.s, pairs.t, kw
-            )
-        else:
-            teacher_map = self._teacher_map_for(model, step)
-            t = pairs.s + min(1.0, 2.0 * self.tau) * (pairs.t - pairs.s)
-            pairs = TimePairs(s=pairs.s, t=t, num_diagonal=pairs.num_diagonal)
-            loss = progressive_map_distillation_loss(
-                model, teacher_map, point.x_t, pairs.s, pairs.t, kw
-            )
+        loss = self.loss(model, self.teacher, point.x_t, pairs.s, pairs.t, kw)
         return self._weigh(loss, pairs)
 
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.kind != "pfmm":
-            return
-        destination[prefix + "pfmm_phase"] = torch.tensor(self.phase)
-        teacher_state = (
-            self._teacher_map.state_dict(keep_vars=keep_vars)
-            if self._teacher_map is not None
-            else self._pending_teacher_map or {}
-        )
-        for name, value in teacher_state.items():
-            destination[prefix + "teacher_map." + name] = value
 
-    def _load_from_state_dict(
+class ProgressiveMapDistillationObjective(MapDistillationObjective):
+    """Progressive flow map matching, PFMM (Boffi, Albergo, Vanden-Eijnden 2024, Sec. 3).
+
+    Phase ``k = step // phase_steps``: the teacher map is valid for ``|t - s| <= tau_k =
+    tau0 2^k`` and the student trains on ``|t - s| <= min(1, 2 tau_k)`` (off-diagonal gaps shrunk
+    by that factor) through two teacher jumps. Phase 0's teacher map is one Euler step of
+    ``teacher``; each later phase starts from a frozen copy of the model taken at its first step.
+
+    State (``state_dict``): ``phase``, the phase of the teacher map held, and that map's weights
+    under ``teacher_map.``; a resumed run rebuilds the copy from them.
+    """
+
+    def __init__(
         self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list,
-        unexpected_keys: list,
-        error_msgs: list,
+        path: AffinePath,
+        teacher: Callable[..., Tensor],
+        tau0: float = 1.0 / 32.0,
+        phase_steps: int = 2000,
+        time_pairs: TimePairSampler | None = None,
+        learned_weight: bool = False,
     ) -> None:
-        if self.kind == "pfmm":
-            phase_key, map_prefix = prefix + "pfmm_phase", prefix + "teacher_map."
-            if phase_key in state_dict:
-                self.phase = int(state_dict.pop(phase_key))
-            elif strict:
-                missing_keys.append(phase_key)
-            teacher_state = {
-                key[len(map_prefix) :]: state_dict.pop(key)
-                for key in list(state_dict)
-                if key.startswith(map_prefix)
-            }
-            # The copy is rebuilt from the model at the next call (this module never holds it).
-            self.__dict__["_teacher_map"] = None
-            self._pending_teacher_map = teacher_state or None
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        loss = progressive_map_distillation_loss
+        super().__init__(path, teacher, loss, time_pairs, learned_weight)
+        self.tau0 = tau0
+        self.phase_steps = phase_steps
+        self.phase = 0
+        self._teacher_map: _Frozen | None = None  # None: the Euler step of the teacher
+        self._restored_map: dict[str, Tensor] | None = None  # weights of a resumed copy
+
+    @property
+    def tau(self) -> float:
+        """Range of validity of the current teacher map: ``tau0 2^phase``."""
+        return self.tau0 * 2.0**self.phase
+
+    def _euler_teacher_map(self, x: Tensor, s: Tensor, t: Tensor, **kw: Any) -> Tensor:
+        return euler_step(self.teacher, x, s, t, kw)
+
+    def _teacher_map_at(self, model: nn.Module, step: int) -> Callable[..., Tensor]:
+        """The teacher map of ``step``'s phase: a frozen copy of ``model`` made when the phase
+        begins (or rebuilt from the weights a resumed run loaded)."""
+        if self._restored_map is not None:
+            copy_ = copy.deepcopy(model)
+            copy_.load_state_dict(self._restored_map)
+            self._teacher_map, self._restored_map = _frozen(copy_), None
+        if step // self.phase_steps > self.phase:
+            self._teacher_map = _frozen(copy.deepcopy(model))
+            self.phase = step // self.phase_steps
+        return self._teacher_map.call if self._teacher_map is not None else self._euler_teacher_map
+
+    def forward(
+        self,
+        model: nn.Module,
+        batch: dict[str, Tensor],
+        step: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        point, pairs, kw = self._draw(batch, generator)
+        teacher_map = self._teacher_map_at(model, step)
+        t = pairs.s + min(1.0, 2.0 * self.tau) * (pairs.t - pairs.s)
+        pairs = TimePairs(s=pairs.s, t=t, num_diagonal=pairs.num_diagonal)
+        loss = self.loss(model, teacher_map, point.x_t, pairs.s, pairs.t, kw)
+        return self._weigh(loss, pairs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        state = super().state_dict(*args, **kwargs)
+        state["phase"] = torch.tensor(self.phase)
+        held = self._teacher_map
+        weights = _weights(held) if held is not None else self._restored_map or {}
+        state.update({f"teacher_map.{name}": value for name, value in weights.items()})
+        return state
+
+    def load_state_dict(  # type: ignore[override]
+        self, state: dict[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        state = dict(state)
+        if "phase" not in state:
+            raise KeyError("a PFMM objective state needs its 'phase'")
+        self.phase = int(state.pop("phase"))
+        prefix = "teacher_map."
+        weights = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        self._teacher_map, self._restored_map = None, weights or None
+        return super().load_state_dict(state, strict, assign)

@@ -201,14 +201,48 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
 def apply_overrides(config: C, overrides: list[str]) -> C:
     """A copy of ``config`` with each ``"dotted.key=value"`` applied, parsed by the field's type.
 
-    Tuples are written ``0.9,0.999``; ``none`` sets an optional field to None.
+    Tuples are written ``0.9,0.999``; ``none`` sets an optional field to None. All overrides of
+    a section are applied at once, so checks that relate two keys do not depend on their order.
     """
+    changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        config = _override(config, key.strip().split("."), text.strip(), prefix="")
-    return config
+        _parse_override(type(config), key.strip().split("."), text.strip(), "", changes)
+    return _apply(config, changes, prefix="")
+
+
+def _parse_override(
+    cls: type, path: list[str], text: str, prefix: str, changes: dict[str, Any]
+) -> None:
+    """Parse one override of ``cls`` into the nested dict ``changes``."""
+    types_ = _field_types(cls)
+    head = path[0]
+    if head not in types_:
+        raise _unknown(head, prefix, types_)
+    kind = types_[head]
+    name = prefix + head
+    if is_dataclass(kind):
+        if len(path) == 1:
+            raise ConfigError(f"{name} is a section; set one of its keys as {name}.<key>=value")
+        inner = changes.setdefault(head, {})
+        _parse_override(kind, path[1:], text, name + ".", inner)  # type: ignore[arg-type]
+    elif len(path) > 1:
+        raise ConfigError(f"{name} is not a section; cannot set {'.'.join([name, *path[1:]])}")
+    else:
+        changes[head] = _parse(text, kind, name)
+
+
+def _apply(config: Any, changes: dict[str, Any], prefix: str) -> Any:
+    """``config`` with the nested ``changes``, each section rebuilt once."""
+    values = {
+        key: _apply(getattr(config, key), value, f"{prefix}{key}.")
+        if isinstance(value, dict)
+        else value
+        for key, value in changes.items()
+    }
+    return _replace(config, prefix, **values) if values else config
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -219,24 +253,6 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _unknown(key: str, prefix: str, valid: dict[str, Any]) -> ConfigError:
     where = f" in {prefix.rstrip('.')}" if prefix else ""
     return ConfigError(f"unknown key {prefix + key!r}; valid keys{where}: {', '.join(valid)}")
-
-
-def _override(config: Any, path: list[str], text: str, prefix: str) -> Any:
-    types_ = _field_types(type(config))
-    head = path[0]
-    if head not in types_:
-        raise _unknown(head, prefix, types_)
-    kind = types_[head]
-    name = prefix + head
-    if is_dataclass(kind):
-        if len(path) == 1:
-            raise ConfigError(f"{name} is a section; set one of its keys as {name}.<key>=value")
-        value = _override(getattr(config, head), path[1:], text, prefix=name + ".")
-    elif len(path) > 1:
-        raise ConfigError(f"{name} is not a section; cannot set {'.'.join([name, *path[1:]])}")
-    else:
-        value = _parse(text, kind, name)
-    return _replace(config, prefix, **{head: value})
 
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:

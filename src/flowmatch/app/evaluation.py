@@ -6,13 +6,20 @@ Everything draws from an explicit seed, so an evaluation is reproducible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from flowmatch.data import ImageDataset, to_model_space
+from flowmatch import plotting
+from flowmatch.app.build import build_data
+from flowmatch.app.run_folder import RunFolder
+from flowmatch.app.runs import Run, load_run
+from flowmatch.data import ImageDataset, load_image_set, to_model_space
 from flowmatch.flow_map_likelihood import flow_map_log_likelihood
 from flowmatch.metrics import (
     FEATURE_EXTRACTORS,
@@ -22,13 +29,40 @@ from flowmatch.metrics import (
     load_inception,
     wasserstein2,
 )
-from flowmatch.runs import Run
 from flowmatch.solvers import IntegrationResult, bits_per_dim, integrate, log_likelihood
+from flowmatch.training.config import ConfigError
+from flowmatch.training.files import check_inside
 
 
 def default_method(run: Run) -> str:
-    """Flow-map runs jump with the map itself; velocity runs use the configured solver."""
-    return "flow_map" if run.is_flow_map else run.config.eval.solver
+    """The registry's sampler of the run's objective (flow-map runs jump with the map itself),
+    else the run's ``eval.solver``."""
+    return run.objective.default_solver or run.config.eval.solver
+
+
+def check_sampling(
+    run: Run, method: str, steps: int | None, n: int, guidance: float | None
+) -> None:
+    """``ConfigError`` (one line, before any work) for sampling arguments that are out of range
+    or do not apply to ``run``."""
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if method == "dopri5" and steps is not None:
+        raise ConfigError("--steps does not apply to dopri5 (adaptive steps): drop it")
+    if method == "flow_map" and not run.is_flow_map:
+        raise ConfigError("--solver flow_map needs a flow-map run; use an ODE solver")
+    if guidance is not None:
+        if not math.isfinite(guidance):
+            raise ConfigError(f"--guidance must be a finite number, got {guidance}")
+        if run.spec.num_classes is None:
+            raise ConfigError("--guidance needs a class-conditional run")
+        if method == "flow_map":
+            raise ConfigError(
+                "--guidance acts on velocities: use an ODE solver with it, or distil the "
+                "guided teacher into the flow map (objective.teacher_guidance)"
+            )
 
 
 def generate(
@@ -56,14 +90,8 @@ def generate(
         if labels is None:
             labels = torch.arange(n) % run.spec.num_classes
         model_kwargs["y"] = labels
+    check_sampling(run, method, steps, n, guidance)
     if method == "flow_map":
-        if not run.is_flow_map:
-            raise ValueError("--solver flow_map needs a flow-map run; use an ODE solver")
-        if guidance is not None:
-            raise ValueError(
-                "guidance is applied to velocities: use an ODE solver with it, or distil the "
-                "guided teacher into the flow map (objective.teacher_guidance)"
-            )
         field, steps = run.model, steps or 1
     else:
         field = run.velocity(guidance)
@@ -254,3 +282,144 @@ def bits_per_dim_of_run(
         n=n,
         probes=probes,
     )
+
+
+def _quality_rows(
+    run: Run, method: str, counts: list, measure: Callable[[Run, str, int | None], dict]
+) -> dict:
+    """``quality`` rows of ``run`` at each step count; for an objective the registry compares
+    with its teacher, also the ``teacher_euler`` rows: the teacher's Euler solver at the same
+    NFE."""
+    report = {"quality": [measure(run, method, s) for s in counts]}
+    teacher_dir = run.config.objective.teacher
+    if method == "flow_map" and run.objective.compare_with_teacher and teacher_dir is not None:
+        teacher = load_run(teacher_dir)
+        report["teacher_euler"] = [measure(teacher, "euler", s) for s in counts]
+    return report
+
+
+def evaluate_run(
+    run: Run,
+    *,
+    method: str | None = None,
+    steps: list[int] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    guidance: float | None = None,
+    inception_weights: str | None = None,
+    nll: bool = True,
+) -> dict[str, Any]:
+    """The report of ``flowmatch eval``: quality at each step count and the likelihood.
+
+    2-D toy runs: energy distance and W2 against fresh target samples and the NLL beside the
+    exact value; image runs: Frechet distance, KID and precision/recall in shipped classifier
+    (or Inception-v3) features against the test split, and bits/dim.
+    """
+    method = method or default_method(run)
+    n = run.config.eval.samples if n is None else n
+    for count in steps or [None]:
+        check_sampling(run, method, count, n, guidance)
+    if inception_weights is not None and len(run.spec.shape) != 3:
+        raise ConfigError("--inception-weights applies to image runs")
+    counts: list = [None] if method == "dopri5" else (steps or [run.config.eval.steps or 16])
+    report: dict[str, Any] = {"run": str(run.run_dir), "step": run.step, "method": method}
+    if len(run.spec.shape) == 3:
+        report.update(_image_report(run, method, counts, n, seed, guidance, inception_weights, nll))
+    else:
+        if guidance is not None:
+            raise ConfigError("--guidance applies to class-conditional image runs")
+        report.update(_vector_report(run, method, counts, n, seed, nll))
+    return report
+
+
+def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: bool) -> dict:
+    data = build_data(run.config)
+    if data.target is None:
+        raise ConfigError(
+            f"flowmatch eval measures 2-D toy runs and image runs; {run.config.data.name!r} "
+            "has no target to compare with"
+        )
+
+    def measure(of: Run, how: str, steps: int | None) -> dict:
+        return asdict(sample_quality(of, data.target, how, steps, n, seed))
+
+    report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
+    if nll:
+        n_nll = run.config.eval.nll_samples
+        report["likelihood"] = asdict(likelihood(run, data.target, n_nll, seed))
+        if run.is_flow_map and run.config.objective.both_orders:
+            report["flow_map_likelihood"] = [
+                {"jumps": k, **asdict(likelihood(run, data.target, n_nll, seed, jumps=k))}
+                for k in (1, 4)
+            ]
+    return report
+
+
+def _image_report(
+    run: Run,
+    method: str,
+    counts: list,
+    n: int,
+    seed: int,
+    guidance: float | None,
+    inception_weights: str | None,
+    nll: bool,
+) -> dict:
+    cfg = run.config.data
+    test = load_image_set(cfg.name, cfg.path, "test")
+
+    def measure(of: Run, how: str, steps: int | None) -> dict:
+        quality = image_quality(of, test.images, how, steps, n, seed, guidance, inception_weights)
+        return asdict(quality)
+
+    report: dict = {"metric": "frechet_distance", **_quality_rows(run, method, counts, measure)}
+    if nll:
+        bpd = bits_per_dim_of_run(run, ImageDataset(test), run.config.eval.nll_samples, seed)
+        report["bits_per_dim"] = asdict(bpd)
+    return report
+
+
+def write_report(run: Run, report: dict[str, Any], steps: list[int] | None) -> Path:
+    """``eval-METHOD[-STEPS].json`` in the run folder, and its quality-versus-steps plot."""
+    folder = RunFolder(run.run_dir)
+    path = folder.eval_report(report["method"], steps)
+    folder.write_json(path, report)
+    rows, metric = report["quality"], report["metric"]
+    if len(rows) > 1:
+        curves = {report["method"]: {r["steps"]: r[metric] for r in rows}}
+        if "teacher_euler" in report:
+            curves["teacher euler"] = {r["steps"]: r[metric] for r in report["teacher_euler"]}
+        check_inside(path.with_suffix(".png").parent, folder.root)
+        plotting.plot_quality_vs_steps(
+            curves,
+            path.with_suffix(".png"),
+            metric_name=metric.replace("_", " "),
+            noise_level=rows[0].get("energy_noise"),
+        )
+    return path
+
+
+def write_samples(run: Run, result: IntegrationResult, out: Path | None) -> list[Path]:
+    """``result`` as ``.npz`` at ``out`` (default: the run folder's ``samples.npz``; the name is
+    kept as given) and a picture beside it: a scatter (and the trajectories) for 2-D runs, an
+    image grid (one column per class for conditional runs) for images. Returns the paths."""
+    folder = RunFolder(run.run_dir)
+    out = out or folder.samples
+    arrays = {"samples": result.x.numpy(), "time_grid": result.time_grid.numpy()}
+    if result.trajectory is not None:
+        arrays["trajectory"] = result.trajectory.numpy()
+    RunFolder(out.parent).write_npz(out, arrays)
+    picture = out.with_name(out.stem + ".png")
+    written = [out]
+    if run.spec.shape == (2,):
+        title = f"{run.run_dir.name} ({result.nfe} NFE)"
+        written.append(plotting.plot_samples_2d(result.x, picture, title=title))
+        if result.trajectory is not None:
+            trajectories = out.with_name(RunFolder.TRAJECTORIES_PLOT)
+            written.append(plotting.plot_trajectories_2d(result.trajectory, trajectories))
+    elif len(run.spec.shape) == 3:  # conditional runs: one column per class
+        nrow = run.spec.num_classes or 8
+        scale = max(1, 64 // run.spec.shape[-1])  # 8x8 digits: 8x, 28x28: 2x
+        images = result.x[: nrow * 8]
+        written.append(plotting.save_image_grid(images, picture, nrow=nrow, scale=scale))
+    return written

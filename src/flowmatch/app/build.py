@@ -1,0 +1,182 @@
+"""From a ``RunConfig`` to live objects: the data source, network, path, coupling and time
+sampler of a run, and the ``DataSpec`` that records what its network was built for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowmatch.app.config import RunConfig
+from flowmatch.app.objectives import OBJECTIVES, Parts
+from flowmatch.couplings import ExactOTCoupling, IndependentCoupling, SinkhornCoupling
+from flowmatch.data import TOY_DATASETS, load_array_dataset
+from flowmatch.data.images import IMAGE_SETS, ImageDataset, load_image_set
+from flowmatch.nets import MLP, FlowMapNet, UNet, drop_labels
+from flowmatch.paths import (
+    SCHEDULES,
+    AffinePath,
+    CondOTSchedule,
+    LogitNormalTimeSampler,
+    UniformTimeSampler,
+)
+from flowmatch.training.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the network is built for: one item's shape, the label count and pixel levels."""
+
+    shape: tuple[int, ...]
+    num_classes: int | None = None  # set for class-conditional runs
+    levels: int | None = None  # set for image data (bits/dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "num_classes": self.num_classes, "levels": self.levels}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> DataSpec:
+        """The spec in ``d``; ``ValueError`` (one line) for anything else."""
+        if not isinstance(d, dict) or not isinstance(d.get("shape"), list):
+            raise ValueError("a data spec is a mapping with a 'shape' list")
+        shape, classes, levels = d["shape"], d.get("num_classes"), d.get("levels")
+        if not shape or not all(type(n) is int and 1 <= n <= 1 << 20 for n in shape):
+            raise ValueError(f"shape must be a list of positive sizes, got {shape!r}")
+        for name, value in (("num_classes", classes), ("levels", levels)):
+            if value is not None and not (type(value) is int and 2 <= value <= 1 << 20):
+                raise ValueError(f"{name} must be an integer >= 2 or null, got {value!r}")
+        return cls(tuple(shape), classes, levels)
+
+
+class LabelledSource:
+    """Image batches as dicts ``{"x1", "y"}`` with labels dropped to the null label per sample
+    with probability ``label_dropout`` (classifier-free guidance training)."""
+
+    def __init__(self, images: ImageDataset, label_dropout: float, null_label: int) -> None:
+        self.images = images
+        self.label_dropout = label_dropout
+        self.null_label = null_label
+        self.shape = images.shape
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        batch = self.images.sample_labelled(n, generator)
+        assert batch.label is not None
+        y = drop_labels(batch.label, self.label_dropout, self.null_label, generator)
+        return {"x1": batch.x1, "y": y}
+
+
+@dataclass
+class Data:
+    """The training source, an optional validation source, the spec and, for 2-D toys, the
+    target distribution itself (fresh samples and, where it exists, ``log_prob``)."""
+
+    train: Any
+    validation: Any | None
+    spec: DataSpec
+    target: Any | None = None
+
+
+def build_data(config: RunConfig, device: torch.device | str = "cpu") -> Data:
+    """The data of ``config.data``; ``ConfigError`` for an unknown name or a missing path."""
+    cfg = config.data
+    if cfg.name in TOY_DATASETS:
+        target = TOY_DATASETS[cfg.name]()
+        return Data(train=target, validation=None, spec=DataSpec(target.shape), target=target)
+    if cfg.name == "array":
+        if cfg.path is None:
+            raise ConfigError("data.name=array needs data.path=FILE (.npy or .pt)")
+        split = load_array_dataset(cfg.path, val_fraction=cfg.val_fraction)
+        return Data(split.train, split.validation, DataSpec(split.train.shape))
+    if cfg.name in IMAGE_SETS:
+        if cfg.path is None and cfg.name != "digits":
+            raise ConfigError(f"data.name={cfg.name} needs data.path=DIR (its folder of files)")
+        images = ImageDataset(load_image_set(cfg.name, cfg.path, "train"), device=device)
+        spec = DataSpec(images.shape, levels=images.levels)
+        if not cfg.conditional:
+            return Data(images, None, spec)
+        if images.labels is None:
+            raise ConfigError(f"data.conditional=true, but the {cfg.name} set has no labels")
+        num_classes = int(images.labels.max()) + 1
+        source = LabelledSource(images, config.objective.label_dropout, num_classes)
+        return Data(source, None, DataSpec(images.shape, num_classes, images.levels))
+    raise ConfigError(
+        f"unknown data.name {cfg.name!r}; choose one of {', '.join(TOY_DATASETS)}, array, "
+        f"{', '.join(IMAGE_SETS)}"
+    )
+
+
+def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
+    """The network of ``config.model`` for data ``spec``: a velocity field, or a flow map
+    ``x + (t - s) v(x, s, t)`` when the objective learns one."""
+    cfg = config.model
+    num_times = 2 if OBJECTIVES[config.objective.name].is_flow_map else 1
+    if cfg.kind == "mlp":
+        if len(spec.shape) != 1:
+            raise ConfigError(
+                f"model.kind=mlp needs vector data, got items of shape {list(spec.shape)}; "
+                "use model.kind=unet for images"
+            )
+        net: nn.Module = MLP(
+            spec.shape[0],
+            hidden=cfg.hidden,
+            depth=cfg.depth,
+            activation=cfg.activation,
+            num_classes=spec.num_classes,
+            num_times=num_times,
+        )
+    else:
+        if len(spec.shape) != 3 or spec.shape[1] != spec.shape[2]:
+            raise ConfigError(
+                f"model.kind=unet needs square images [C, H, H], got {list(spec.shape)}"
+            )
+        net = UNet(
+            in_channels=spec.shape[0],
+            model_channels=cfg.channels,
+            channel_mult=cfg.channel_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=cfg.attention_resolutions,
+            num_heads=cfg.num_heads,
+            num_head_channels=cfg.num_head_channels,
+            dropout=cfg.dropout,
+            num_classes=spec.num_classes,
+            image_size=spec.shape[1],
+            num_groups=cfg.num_groups,
+            num_times=num_times,
+        )
+    return FlowMapNet(net) if num_times == 2 else net
+
+
+def build_path(config: RunConfig) -> AffinePath:
+    cfg = config.path
+    if cfg.schedule == "cond-ot":
+        return AffinePath(CondOTSchedule(sigma_min=cfg.sigma_min))
+    return AffinePath(SCHEDULES[cfg.schedule]())
+
+
+def build_coupling(config: RunConfig) -> Callable[..., Tensor]:
+    cfg = config.path
+    if cfg.coupling == "exact-ot":
+        return ExactOTCoupling(block_size=cfg.ot_block_size)
+    return SinkhornCoupling() if cfg.coupling == "sinkhorn" else IndependentCoupling()
+
+
+def build_time_sampler(config: RunConfig) -> Callable[..., Tensor]:
+    schedule = build_path(config).schedule
+    if config.path.time_sampler == "logit-normal":
+        return LogitNormalTimeSampler(t_min=schedule.t_min, t_max=schedule.t_max)
+    return UniformTimeSampler(schedule.t_min, schedule.t_max)
+
+
+def build_objective(config: RunConfig, teacher: Callable[..., Tensor] | None = None) -> Any:
+    """The training objective of ``config.objective``, by its registry entry; a distillation
+    needs the ``teacher`` velocity."""
+    entry = OBJECTIVES[config.objective.name]
+    if entry.teacher and not entry.trains_on_teacher_pairs and teacher is None:
+        raise ConfigError(f"objective {config.objective.name} distils a teacher: pass its velocity")
+    parts = Parts(
+        config, build_path(config), build_coupling(config), build_time_sampler(config), teacher
+    )
+    return entry.build(parts)

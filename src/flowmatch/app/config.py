@@ -1,0 +1,274 @@
+"""The run config schema: the ``RunConfig`` sections (data, model, path, objective, eval, train)
+with every key's type and range, the ``key=value`` override parser and config files.
+
+A run is fully described by its ``RunConfig``; the command line starts from a preset or a config
+file (a run's own ``config.json`` is one) and applies ``key=value`` overrides
+(``model.hidden=128``, ``train.lr=1e-3``; a section name alone sets its ``name``, so
+``objective=lsd`` means ``objective.name=lsd``). Every bad value is a ``ConfigError`` with one
+line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from flowmatch.data import IMAGE_SETS, TOY_DATASETS
+from flowmatch.nets.mlp import ACTIVATIONS
+from flowmatch.solvers import METHODS
+from flowmatch.training.config import (
+    MAX_BATCH,
+    MAX_SEED,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    check_range,
+    config_from_dict,
+)
+from flowmatch.training.files import RunFileError, read_text
+
+MAX_WIDTH = 1 << 16  # hidden units or channels: far beyond any network trained here
+SOLVERS = (*METHODS, "flow_map")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_sizes(name: str, values: tuple[int, ...], low: int, high: int) -> None:
+    for value in values:
+        check_range(name, value, low, high)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training data comes from.
+
+    ``name``: a 2-D toy (checkerboard, eight-gaussians, moons, rings, spirals, gmm), ``array``
+    (the user's ``.npy``/``.pt`` file at ``path``), or an image set (digits, mnist,
+    fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits).
+    """
+
+    name: str = "checkerboard"
+    path: str | None = None
+    val_fraction: float = 0.1  # array: share of the rows held out for validation
+    conditional: bool = False  # image sets with labels: train a class-conditional model
+
+    def __post_init__(self) -> None:
+        _check_choice("name", self.name, [*TOY_DATASETS, "array", *IMAGE_SETS])
+        check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        if self.conditional and self.name not in IMAGE_SETS:
+            raise ConfigError(
+                f"conditional=true needs a labelled image set; {self.name} has no labels"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: an MLP for vector data or an ADM-style U-Net for images.
+
+    A flow-map objective wraps it as ``x + (t - s) v(x, s, t)`` with two time inputs.
+    """
+
+    kind: Literal["mlp", "unet"] = "mlp"
+    hidden: int = 256  # mlp
+    depth: int = 4  # mlp
+    activation: str = "silu"  # mlp
+    channels: int = 32  # unet: base width
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # unet
+    num_res_blocks: int = 1  # unet
+    attention_resolutions: tuple[int, ...] = (7,)  # unet: image sizes with attention
+    num_heads: int = 4  # unet
+    num_head_channels: int | None = None  # unet: fixes the head width (ADM) when given
+    num_groups: int = 8  # unet: GroupNorm groups
+    dropout: float = 0.0  # unet
+    init_from: str | None = None  # a run folder whose EMA weights start this network (to go on
+    # training a finished run under a new schedule or objective); the networks must match
+
+    def __post_init__(self) -> None:
+        check_range("hidden", self.hidden, 1, MAX_WIDTH)
+        check_range("depth", self.depth, 1, 256)
+        _check_choice("activation", self.activation, list(ACTIVATIONS))
+        check_range("channels", self.channels, 1, MAX_WIDTH)
+        if not self.channel_mult:
+            raise ConfigError("channel_mult needs at least one level, e.g. 1,2,2")
+        _check_sizes("channel_mult", self.channel_mult, 1, 64)
+        check_range("num_res_blocks", self.num_res_blocks, 1, 64)
+        _check_sizes("attention_resolutions", self.attention_resolutions, 1, MAX_WIDTH)
+        check_range("num_heads", self.num_heads, 1, MAX_WIDTH)
+        check_range("num_head_channels", self.num_head_channels, 1, MAX_WIDTH, optional=True)
+        check_range("num_groups", self.num_groups, 1, MAX_WIDTH)
+        check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        if self.kind == "unet":
+            for width in (self.channels * m for m in self.channel_mult):
+                if width % self.num_groups:
+                    raise ConfigError(
+                        f"num_groups {self.num_groups} must divide every level's channels "
+                        f"(channels x channel_mult: {width})"
+                    )
+                heads = self.num_head_channels or width // self.num_heads
+                if width % self.num_heads and self.num_head_channels is None:
+                    raise ConfigError(
+                        f"num_heads {self.num_heads} must divide every level's channels ({width})"
+                    )
+                if width % heads:
+                    raise ConfigError(
+                        f"num_head_channels {heads} must divide every level's channels ({width})"
+                    )
+
+
+@dataclass(frozen=True)
+class PathConfig:
+    """The probability path, the coupling of noise and data, and the training-time density."""
+
+    schedule: Literal["cond-ot", "cosine", "vp", "ve"] = "cond-ot"
+    sigma_min: float = 0.0  # cond-ot
+    coupling: Literal["independent", "exact-ot", "sinkhorn"] = "independent"
+    ot_block_size: int | None = None  # exact-ot: pair blocks of this size (a fraction of the cost)
+    time_sampler: Literal["uniform", "logit-normal"] = "uniform"
+
+    def __post_init__(self) -> None:
+        check_range("sigma_min", self.sigma_min, 0.0, 1.0, high_open=True)
+        if self.sigma_min != 0.0 and self.schedule != "cond-ot":
+            raise ConfigError(f"sigma_min applies to schedule=cond-ot, not {self.schedule}")
+        check_range("ot_block_size", self.ot_block_size, 1, MAX_BATCH, optional=True)
+        if self.ot_block_size is not None and self.coupling != "exact-ot":
+            raise ConfigError(f"ot_block_size applies to coupling=exact-ot, not {self.coupling}")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the network learns: ``name`` is an entry of the objective registry
+    (:data:`flowmatch.app.objectives.OBJECTIVES`; ``flowmatch train --help`` lists them).
+
+    ``fm``: conditional flow matching of a velocity. Flow maps: self-distillation ``lsd`` /
+    ``esd`` / ``psd-mid`` / ``psd-uniform``, ``meanflow``, or distillation from a teacher run
+    (``lmd``, ``emd``, ``pfmm``; ``flowmatch distill --teacher RUN``). ``reflow`` retrains flow
+    matching on (noise, sample) pairs of a teacher.
+    """
+
+    name: str = "fm"
+    label_dropout: float = 0.1  # conditional models: share of null labels (guidance)
+    diagonal_fraction: float = 0.75  # flow maps: share of the batch on the diagonal s = t
+    learned_weight: bool = False  # flow maps: learned two-time weight e^-w L + w (unstable on
+    # small runs here: it can favour the trivial self-consistent map; docs/flow-maps.md)
+    both_orders: bool = False  # flow maps: train s > t too (backward map, few-step likelihood)
+    teacher: str | None = None  # distillation / reflow: the teacher's run folder
+    teacher_solver: str = "dopri5"  # reflow: how the teacher's pairs are generated
+    teacher_steps: int | None = None
+    reflow_pairs: int = 20000
+    reflow_mode: Literal["flow_matching", "one_step"] = "flow_matching"  # one_step: distil
+    teacher_guidance: float | None = None  # distillation: the teacher's guidance scale, so a
+    # conditional flow map learns the guided flow (guidance itself acts on velocities only)
+    warm_start: bool = False  # distil / reflow: start from the teacher's weights (a flow map at
+    # its Euler step); flowmatch distill turns it on
+
+    def __post_init__(self) -> None:
+        from flowmatch.app.objectives import OBJECTIVES  # the registry builds from this schema
+
+        _check_choice("name", self.name, list(OBJECTIVES))
+        check_range("label_dropout", self.label_dropout, 0.0, 1.0, high_open=True)
+        check_range("diagonal_fraction", self.diagonal_fraction, 0.0, 1.0, high_open=True)
+        _check_choice("teacher_solver", self.teacher_solver, METHODS)
+        check_range("teacher_steps", self.teacher_steps, 1, 1 << 20, optional=True)
+        check_range("reflow_pairs", self.reflow_pairs, 1, 1 << 27)
+        guidance = self.teacher_guidance
+        check_range("teacher_guidance", guidance, -math.inf, math.inf, optional=True)
+        needs_teacher = OBJECTIVES[self.name].teacher
+        if needs_teacher and self.teacher is None:
+            raise ConfigError(
+                f"name={self.name} distils a teacher: use flowmatch distill --teacher RUN"
+            )
+        if not needs_teacher:
+            for key in ("teacher", "warm_start", "teacher_guidance"):
+                if getattr(self, key) not in (None, False):
+                    raise ConfigError(
+                        f"{key} applies to distillation (flowmatch distill), not to "
+                        f"name={self.name}"
+                    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Defaults of ``flowmatch sample`` and ``flowmatch eval``."""
+
+    samples: int = 4000  # 2-D: samples per metric
+    solver: str = "dopri5"  # velocity runs; flow-map runs default to the flow map itself
+    steps: int | None = None
+    nll_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        check_range("samples", self.samples, 2, 1 << 24)
+        _check_choice("solver", self.solver, METHODS)
+        check_range("steps", self.steps, 1, 1 << 20, optional=True)
+        check_range("nll_samples", self.nll_samples, 2, 1 << 24)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; saved as ``config.json`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    path: PathConfig = field(default_factory=PathConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        from flowmatch.app.objectives import OBJECTIVES
+
+        entry = OBJECTIVES[self.objective.name]
+        if self.path.coupling != "independent" and not entry.uses_coupling:
+            raise ConfigError(
+                f"path.coupling={self.path.coupling} applies to objectives that pair noise with "
+                f"data themselves ({', '.join(n for n, e in OBJECTIVES.items() if e.uses_coupling)}"
+                f"), not to objective={self.objective.name}"
+            )
+        image = self.data.name in IMAGE_SETS
+        if (self.model.kind == "unet") != image:
+            want = "unet" if image else "mlp"
+            raise ConfigError(
+                f"model.kind={self.model.kind} does not fit data.name={self.data.name}: "
+                f"use model.kind={want}"
+            )
+        check_range("train.seed", self.train.seed, 0, MAX_SEED)
+
+
+SECTIONS_WITH_NAME = ("data", "objective")
+
+
+def with_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """``apply_overrides`` with the shorthand ``section=value`` for ``section.name=value``."""
+    expanded = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in SECTIONS_WITH_NAME:
+            item = f"{key.strip()}.name={value}"
+        expanded.append(item)
+    return apply_overrides(config, expanded)
+
+
+def replace_section(config: RunConfig, **sections: object) -> RunConfig:
+    """``config`` with whole sections replaced, checked again as a whole."""
+    return dataclasses.replace(config, **sections)  # type: ignore[arg-type]
+
+
+def read_config_file(path: str | Path, root: str | Path | None = None) -> RunConfig:
+    """The ``RunConfig`` in the JSON file ``path`` (a run's ``config.json`` or one written by
+    hand; missing keys take their defaults). ``ConfigError`` names the file and the key."""
+    try:
+        data = json.loads(read_text(path, root=root))
+    except RunFileError as error:
+        raise ConfigError(str(error)) from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    try:
+        return config_from_dict(RunConfig, data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

@@ -1,0 +1,183 @@
+"""The objective registry: every objective a run config can name, and what the application
+does with it.
+
+An entry says which network the objective trains (a velocity or a flow map), whether it distils
+a teacher run, whether it pairs noise with data itself (so ``path.coupling`` applies), how to
+build it, the default sampler of its runs and whether ``eval`` compares it with its teacher. The
+command line's choices, the presets, ``distill``, ``sample`` and ``eval`` all read this table:
+adding an objective is one entry here, plus its loss and its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import Tensor
+
+from flowmatch.losses import (
+    FlowMatchingObjective,
+    MapDistillationObjective,
+    MeanFlowObjective,
+    ProgressiveMapDistillationObjective,
+    SelfDistillationObjective,
+    esd,
+    eulerian_map_distillation_loss,
+    lagrangian_map_distillation_loss,
+    lsd,
+    psd_midpoint,
+    psd_uniform,
+)
+from flowmatch.losses.flow_map_objectives import OffDiagonalLoss
+from flowmatch.paths import AffinePath
+from flowmatch.reflow import ReflowObjective
+
+if TYPE_CHECKING:
+    from flowmatch.app.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What an objective is built from: the run's config, its path, coupling and time sampler,
+    and the teacher's velocity for a distillation."""
+
+    config: RunConfig
+    path: AffinePath
+    coupling: Callable[..., Tensor]
+    time_sampler: Callable[..., Tensor]
+    teacher: Callable[..., Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """A registry entry.
+
+    ``network``: what the objective trains; a ``flow_map`` run samples with its map (``jumps``)
+    and evaluates quality against the number of jumps. ``teacher``: it distils a trained
+    velocity run (``flowmatch distill --teacher RUN``); ``trains_on_teacher_pairs``: its data
+    are the teacher's (noise, sample) pairs instead of the run's data. ``uses_coupling``: it
+    pairs noise with data itself, so ``path.coupling`` applies. ``compare_with_teacher``:
+    ``eval`` adds the teacher's Euler steps at the same NFE.
+    """
+
+    description: str
+    network: Literal["velocity", "flow_map"]
+    build: Callable[[Parts], Any]
+    teacher: bool = False
+    trains_on_teacher_pairs: bool = False
+    uses_coupling: bool = False
+    compare_with_teacher: bool = False
+
+    @property
+    def is_flow_map(self) -> bool:
+        return self.network == "flow_map"
+
+    @property
+    def default_solver(self) -> str | None:
+        """``flow_map`` for flow-map runs; None: the run's ``eval.solver``."""
+        return "flow_map" if self.is_flow_map else None
+
+
+def _flow_matching(parts: Parts) -> FlowMatchingObjective:
+    return FlowMatchingObjective(
+        parts.path, coupling=parts.coupling, time_sampler=parts.time_sampler
+    )
+
+
+def _self_distillation(distill: OffDiagonalLoss) -> Callable[[Parts], SelfDistillationObjective]:
+    def build(parts: Parts) -> SelfDistillationObjective:
+        cfg = parts.config.objective
+        return SelfDistillationObjective(
+            parts.path,
+            distill,
+            diagonal_fraction=cfg.diagonal_fraction,
+            learned_weight=cfg.learned_weight,
+            both_orders=cfg.both_orders,
+        )
+
+    return build
+
+
+def _map_distillation(loss: Callable[..., Tensor]) -> Callable[[Parts], MapDistillationObjective]:
+    def build(parts: Parts) -> MapDistillationObjective:
+        assert parts.teacher is not None
+        learned = parts.config.objective.learned_weight
+        return MapDistillationObjective(parts.path, parts.teacher, loss, learned_weight=learned)
+
+    return build
+
+
+def _progressive(parts: Parts) -> ProgressiveMapDistillationObjective:
+    assert parts.teacher is not None
+    learned = parts.config.objective.learned_weight
+    return ProgressiveMapDistillationObjective(parts.path, parts.teacher, learned_weight=learned)
+
+
+def _reflow(parts: Parts) -> ReflowObjective:
+    mode = parts.config.objective.reflow_mode
+    return ReflowObjective(parts.path, mode=mode, time_sampler=parts.time_sampler)
+
+
+_DISTILLED = {"teacher": True, "compare_with_teacher": True}
+
+OBJECTIVES: dict[str, ObjectiveEntry] = {
+    "fm": ObjectiveEntry(
+        "conditional flow matching of a velocity (Lipman et al. 2022)",
+        "velocity",
+        _flow_matching,
+        uses_coupling=True,
+    ),
+    "lsd": ObjectiveEntry(
+        "flow map by Lagrangian self-distillation (Boffi et al. 2025)",
+        "flow_map",
+        _self_distillation(lsd),
+    ),
+    "esd": ObjectiveEntry(
+        "flow map by Eulerian self-distillation (Boffi et al. 2025)",
+        "flow_map",
+        _self_distillation(esd),
+    ),
+    "psd-mid": ObjectiveEntry(
+        "flow map by progressive self-distillation through the midpoint (Boffi et al. 2025)",
+        "flow_map",
+        _self_distillation(psd_midpoint),
+    ),
+    "psd-uniform": ObjectiveEntry(
+        "flow map by progressive self-distillation through uniform points (Boffi et al. 2025)",
+        "flow_map",
+        _self_distillation(psd_uniform),
+    ),
+    "meanflow": ObjectiveEntry(
+        "flow map by MeanFlow (Geng et al. 2025)",
+        "flow_map",
+        lambda parts: MeanFlowObjective(parts.path),
+    ),
+    "lmd": ObjectiveEntry(
+        "flow map distilled from a teacher velocity, Lagrangian (Boffi et al. 2024)",
+        "flow_map",
+        _map_distillation(lagrangian_map_distillation_loss),
+        **_DISTILLED,
+    ),
+    "emd": ObjectiveEntry(
+        "flow map distilled from a teacher velocity, Eulerian (Boffi et al. 2024)",
+        "flow_map",
+        _map_distillation(eulerian_map_distillation_loss),
+        **_DISTILLED,
+    ),
+    "pfmm": ObjectiveEntry(
+        "flow map distilled progressively from a teacher (Boffi et al. 2024)",
+        "flow_map",
+        _progressive,
+        **_DISTILLED,
+    ),
+    "reflow": ObjectiveEntry(
+        "flow matching on a teacher's (noise, sample) pairs (Liu et al. 2022)",
+        "velocity",
+        _reflow,
+        teacher=True,
+        trains_on_teacher_pairs=True,
+    ),
+}
+
+DISTILLATIONS = tuple(name for name, entry in OBJECTIVES.items() if entry.teacher)

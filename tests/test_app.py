@@ -1,0 +1,150 @@
+"""The application layer: reproducible runs, configs as files, one resume rule, run folders that
+never write through a symlink, load_run of every kind of folder, and the objective registry."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import flowmatch
+from flowmatch.app.config import RunConfig, read_config_file
+from flowmatch.app.objectives import OBJECTIVES
+from flowmatch.app.presets import PRESETS, preset_config
+from flowmatch.cli.main import main
+from flowmatch.training import TrainConfig, latest_checkpoint, train
+
+TINY = ["model.hidden=16", "model.depth=2", "train.batch_size=32", "train.log_every=5"]
+
+
+def _train(out: Path, *extra: str, steps: int = 10) -> None:
+    argv = ["train", "--preset", "gmm", "--out", str(out), "--max-steps", str(steps)]
+    assert main([*argv, *TINY, "train.checkpoint_every=5", *extra]) == 0
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(latest_checkpoint(run)))
+
+
+def test_the_same_command_twice_gives_bit_identical_checkpoints(tmp_path):
+    _train(tmp_path / "a")
+    _train(tmp_path / "b")
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()  # initial weights, stream, optimizer: every bit
+    _train(tmp_path / "c", "train.seed=1")
+    first, other = _weights(tmp_path / "a"), _weights(tmp_path / "c")
+    assert not torch.equal(first["model/input.weight"], other["model/input.weight"])
+
+
+def test_two_processes_give_the_single_process_weights(tmp_path):
+    # The same command under torchrun (gloo, 2 processes); the micro-batch size is fixed so both
+    # draw the same stream, and the seed alone fixes the initial weights (no init_from).
+    args = ["--preset", "gmm", "--max-steps", "10", *TINY, "train.micro_batch_size=16"]
+    args += ["train.num_threads=1", "train.device=cpu"]
+    assert main(["train", "--out", str(tmp_path / "one"), *args]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", "-m", "flowmatch", "train", "--out", str(tmp_path / "two")]
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for key in one:  # float32: the all-reduce sums the two halves in another order
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_runs_config_json_is_a_config_file_and_resume_alone_continues_it(tmp_path, capsys):
+    _train(tmp_path / "a", steps=5)
+    saved = read_config_file(tmp_path / "a" / "config.json")
+    assert saved.train.steps == 5 and saved.model.hidden == 16
+    argv = ["train", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert _weights(tmp_path / "a").keys() == _weights(tmp_path / "b").keys()
+    assert (
+        latest_checkpoint(tmp_path / "a").read_bytes()
+        == latest_checkpoint(tmp_path / "b").read_bytes()
+    )
+    # --resume RUN alone continues from the stored config; a longer schedule is another run.
+    assert main(["train", "--resume", str(tmp_path / "a"), "train.log_every=1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "a"), "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.lr: 0.002 there, 0.5 here" in err and len(err.splitlines()) == 1
+
+
+def test_load_run_reads_run_export_and_library_folders(tmp_path):
+    _train(tmp_path / "run", steps=5)
+    run = flowmatch.load_run(tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    exported = flowmatch.load_run(tmp_path / "export")
+    assert exported.step == run.step == 5
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(exported.model.state_dict()[key], value)
+    # A folder written by flowmatch.training.train with the user's own network.
+    from _train_worker import CondOTObjective, GaussianSource, TinyVelocity
+
+    net = TinyVelocity()
+    cfg = TrainConfig(steps=3, batch_size=8, log_every=1, checkpoint_every=3)
+    train(net, CondOTObjective(), GaussianSource(torch.zeros(2)), cfg, tmp_path / "lib")
+    with pytest.raises(flowmatch.training.CheckpointError, match="model=net"):
+        flowmatch.load_run(tmp_path / "lib")
+    loaded = flowmatch.load_run(tmp_path / "lib", model=TinyVelocity())
+    assert loaded.step == 3 and loaded.config.train.steps == 3
+
+
+def test_writes_replace_a_symlink_instead_of_following_it(tmp_path, capsys):
+    _train(tmp_path / "run", steps=5)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for name in ("samples.npz", "samples.png", "spec.json", "loss.png", "eval-euler-2.json"):
+        link = tmp_path / "run" / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(victim)
+    assert main(["sample", str(tmp_path / "run"), "--n", "20", "--solver", "euler"]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--solver", "euler", "--steps", "2", "--n", "20",
+                 "--no-nll"]) == 0  # fmt: skip
+    assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "6"]) == 0
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "run" / "samples.npz").is_symlink()
+
+
+def test_reads_refuse_fifos_devices_and_links_out_of_the_folder(tmp_path, capsys):
+    _train(tmp_path / "run", steps=5)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    checkpoint.unlink()
+    os.mkfifo(checkpoint)  # would block a plain read forever
+    assert main(["sample", str(tmp_path / "run"), "--n", "4"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    checkpoint.unlink()
+    checkpoint.symlink_to("/dev/zero")
+    assert main(["sample", str(tmp_path / "run"), "--n", "4"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    spec = tmp_path / "run" / "spec.json"
+    outside = tmp_path / "outside.json"
+    outside.write_text(spec.read_text())
+    spec.unlink()
+    spec.symlink_to(outside)
+    assert main(["sample", str(tmp_path / "run"), "--n", "4"]) == 2
+    assert "leads out of" in capsys.readouterr().err
+
+
+def test_every_objective_is_one_registry_entry_the_cli_reads(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in OBJECTIVES)
+    for name, entry in OBJECTIVES.items():
+        assert entry.network in ("velocity", "flow_map") and entry.description
+        if not entry.teacher:  # every objective without a teacher builds from a preset
+            base = preset_config("checkerboard-flowmap" if entry.is_flow_map else "checkerboard")
+            config = flowmatch.app.config.with_overrides(base, [f"objective={name}"])
+            from flowmatch.app.build import build_objective
+
+            objective = build_objective(config)
+            assert callable(objective), name
+    for preset in PRESETS.values():
+        assert preset.build().objective.name in OBJECTIVES
