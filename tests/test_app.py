@@ -1,7 +1,6 @@
 """The application layer: reproducible runs, configs as files, one resume rule, run folders that
 never write through a symlink, load_run of every kind of folder, and the objective registry."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import safetensors.torch
 import torch
 
 import flowmatch
-from flowmatch.app.config import RunConfig, read_config_file
+from flowmatch.app.config import read_config_file
 from flowmatch.app.objectives import OBJECTIVES
 from flowmatch.app.presets import PRESETS, preset_config
 from flowmatch.cli.main import main
@@ -104,10 +103,10 @@ def test_writes_replace_a_symlink_instead_of_following_it(tmp_path, capsys):
         link = tmp_path / "run" / name
         link.unlink(missing_ok=True)
         link.symlink_to(victim)
+    assert main(["train", "--resume", str(tmp_path / "run"), "train.log_every=1"]) == 0
     assert main(["sample", str(tmp_path / "run"), "--n", "20", "--solver", "euler"]) == 0
     assert main(["eval", str(tmp_path / "run"), "--solver", "euler", "--steps", "2", "--n", "20",
                  "--no-nll"]) == 0  # fmt: skip
-    assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "6"]) == 0
     assert victim.read_text() == "keep me"
     assert not (tmp_path / "run" / "samples.npz").is_symlink()
 

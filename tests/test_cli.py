@@ -8,10 +8,10 @@ import safetensors.torch
 import torch
 
 import flowmatch
-from flowmatch.cli.main import main
-from flowmatch.app.presets import PRESETS, preset_config
 from flowmatch.app.build import DataSpec, build_model
+from flowmatch.app.presets import PRESETS, preset_config
 from flowmatch.app.runs import load_run
+from flowmatch.cli.main import main
 from flowmatch.solvers import log_likelihood, sample
 
 TINY = ["model.hidden=32", "model.depth=2", "train.batch_size=64", "train.log_every=10"]

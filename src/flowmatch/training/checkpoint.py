@@ -25,6 +25,7 @@ from flowmatch.training.config import TrainConfig, may_change_on_resume
 from flowmatch.training.files import RunFileError, atomic_write, read_bytes
 
 FORMAT = "flowmatch.checkpoint/1"
+METADATA_KEY = "flowmatch"
 _NAME = re.compile(r"ckpt-(\d+)\.safetensors")
 
 
@@ -121,7 +122,10 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         )
     except TypeError as error:
         raise TypeError(f"checkpoint state must be tensors, numbers or strings: {error}") from None
-    metadata = {"format": FORMAT, "state": state, "crc32": str(_crc32(state, tensors))}
+    # One metadata entry: safetensors writes a map's entries in no fixed order, and the same
+    # run must give the same bytes.
+    entry = {"format": FORMAT, "state": state, "crc32": str(_crc32(state, tensors))}
+    metadata = {METADATA_KEY: json.dumps(entry)}
     atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
@@ -140,7 +144,11 @@ def load_checkpoint(path: str | Path, expected_config: dict[str, Any] | None = N
     try:
         header_size = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
-    except (ValueError, AttributeError):
+        if METADATA_KEY in metadata:  # else the layout of earlier versions: the same keys
+            metadata = json.loads(metadata[METADATA_KEY])
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not a mapping")
+    except (ValueError, AttributeError, TypeError):
         raise CheckpointError(f"{path} is not a flowmatch checkpoint") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a flowmatch checkpoint ({FORMAT})")
