@@ -32,7 +32,8 @@ from flowmatch.training.config import (
 from flowmatch.training.files import RunFileError, read_text
 
 MAX_WIDTH = 1 << 16  # hidden units or channels: far beyond any network trained here
-SOLVERS = (*METHODS, "flow_map")
+ODE_SOLVERS = tuple(m for m in METHODS if m != "flow_map")
+SOLVERS = (*ODE_SOLVERS, "flow_map")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
@@ -62,6 +63,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("name", self.name, [*TOY_DATASETS, "array", *IMAGE_SETS])
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        reads_files = self.name == "array" or (self.name in IMAGE_SETS and self.name != "digits")
+        if self.path is not None and not reads_files:
+            raise ConfigError(f"path does not apply to name={self.name} (it ships with flowmatch)")
         if self.conditional and self.name not in IMAGE_SETS:
             raise ConfigError(
                 f"conditional=true needs a labelled image set; {self.name} has no labels"
@@ -174,7 +178,7 @@ class ObjectiveConfig:
         _check_choice("name", self.name, list(OBJECTIVES))
         check_range("label_dropout", self.label_dropout, 0.0, 1.0, high_open=True)
         check_range("diagonal_fraction", self.diagonal_fraction, 0.0, 1.0, high_open=True)
-        _check_choice("teacher_solver", self.teacher_solver, METHODS)
+        _check_choice("teacher_solver", self.teacher_solver, ODE_SOLVERS)
         check_range("teacher_steps", self.teacher_steps, 1, 1 << 20, optional=True)
         check_range("reflow_pairs", self.reflow_pairs, 1, 1 << 27)
         guidance = self.teacher_guidance
@@ -204,7 +208,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_range("samples", self.samples, 2, 1 << 24)
-        _check_choice("solver", self.solver, METHODS)
+        _check_choice("solver", self.solver, ODE_SOLVERS)
         check_range("steps", self.steps, 1, 1 << 20, optional=True)
         check_range("nll_samples", self.nll_samples, 2, 1 << 24)
 
