@@ -17,11 +17,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from flowmatch.losses import (
+    AlphaFlowObjective,
     FlowMatchingObjective,
+    ImprovedMeanFlowObjective,
     MapDistillationObjective,
     MeanFlowObjective,
     ProgressiveMapDistillationObjective,
     SelfDistillationObjective,
+    ShortcutObjective,
+    SplitMeanFlowObjective,
     esd,
     eulerian_map_distillation_loss,
     lagrangian_map_distillation_loss,
@@ -152,6 +156,30 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         "flow map by MeanFlow (Geng et al. 2025)",
         "flow_map",
         lambda parts: MeanFlowObjective(parts.path),
+    ),
+    "imf": ObjectiveEntry(
+        "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",
+        "flow_map",
+        lambda parts: ImprovedMeanFlowObjective(parts.path),
+    ),
+    "alpha-flow": ObjectiveEntry(
+        "flow map by alpha-Flow's curriculum from flow matching to MeanFlow (arXiv 2510.20771)",
+        "flow_map",
+        lambda parts: AlphaFlowObjective(parts.path, end_step=parts.config.train.steps),
+    ),
+    "shortcut": ObjectiveEntry(
+        "flow map by shortcut models' self-consistency, no JVP (Frans et al. 2024)",
+        "flow_map",
+        lambda parts: ShortcutObjective(
+            parts.path, learned_weight=parts.config.objective.learned_weight
+        ),
+    ),
+    "split-meanflow": ObjectiveEntry(
+        "flow map by SplitMeanFlow's interval splitting, no JVP (arXiv 2507.16884)",
+        "flow_map",
+        lambda parts: SplitMeanFlowObjective(
+            parts.path, learned_weight=parts.config.objective.learned_weight
+        ),
     ),
     "lmd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Lagrangian (Boffi et al. 2024)",
