@@ -25,14 +25,10 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from flowmatch.losses import FlowMatchingObjective
-from flowmatch.losses.flow_map_objectives import (
-    MapDistillationObjective,
-    MeanFlowObjective,
-    SelfDistillationObjective,
-)
+from flowmatch.app.build import build_objective
+from flowmatch.app.config import ObjectiveConfig, RunConfig
+from flowmatch.app.objectives import OBJECTIVES as REGISTRY
 from flowmatch.nets import FlowMapNet
-from flowmatch.paths import AffinePath, CondOTSchedule
 
 from common import PeakRSS, build_net, flow_map_mlp, make_optimiser, seconds, velocity_mlp
 from workloads.mnist import small_unet
@@ -41,25 +37,19 @@ NETS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[in
     "mlp": (lambda: velocity_mlp(2), lambda: flow_map_mlp(2), (2,), 256),
     "unet": (small_unet, lambda: FlowMapNet(small_unet(num_times=2)), (1, 28, 28), 64),
 }
-OBJECTIVES = ("fm", "lsd", "esd", "psd-mid", "psd-uniform", "meanflow", "lmd", "emd", "pfmm")
+# Every registered objective that trains on the run's data (reflow trains on a teacher's pairs).
+OBJECTIVES = tuple(n for n, e in REGISTRY.items() if not e.trains_on_teacher_pairs)
 
 
 def make_step(net_name: str, objective: str, seed: int = 0) -> Callable[[], Tensor]:
     """One training step of ``objective`` on the ``net_name`` networks, as a closure."""
     make_velocity, make_flow_map, shape, batch = NETS[net_name]
-    path = AffinePath(CondOTSchedule())
+    entry = REGISTRY[objective]
     velocity = build_net(make_velocity, seed)
-    if objective == "fm":
-        model, loss_fn = velocity, FlowMatchingObjective(path)
-    else:
-        model = build_net(make_flow_map, seed)
-        if objective in ("lmd", "emd", "pfmm"):
-            velocity.requires_grad_(False)
-            loss_fn = MapDistillationObjective(path, velocity, kind=objective)
-        elif objective == "meanflow":
-            loss_fn = MeanFlowObjective(path)
-        else:
-            loss_fn = SelfDistillationObjective(path, kind=objective)
+    teacher = "teacher" if entry.teacher else None  # the teacher is the velocity net below
+    config = RunConfig(objective=ObjectiveConfig(name=objective, teacher=teacher))
+    model = build_net(make_flow_map, seed) if entry.is_flow_map else velocity
+    loss_fn = build_objective(config, velocity.requires_grad_(False) if entry.teacher else None)
     optimiser = make_optimiser(model)
     generator = torch.Generator().manual_seed(seed)
     data = {"x1": torch.randn(batch, *shape, generator=generator)}
