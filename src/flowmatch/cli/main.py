@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -28,6 +29,14 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """A bad argument: reported in one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``flowmatch COMMAND: error: ...``) with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _steps_list(text: str) -> list[int]:
@@ -53,11 +62,13 @@ def _config_keys_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flowmatch",
         description="Train, sample, distill and evaluate flow-matching and flow-map models.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     solvers = list(SOLVERS)
 
     train = commands.add_parser(
