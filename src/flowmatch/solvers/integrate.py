@@ -1,8 +1,10 @@
 """The integration loop: ``integrate(field, x, method, time_grid)`` and ``sample``.
 
-Fixed-step rules (Euler, midpoint, Heun, RK4) and flow-map jumps run through one loop over an
-explicit time grid; ``dopri5`` (adaptive Dormand-Prince 5(4)) is delegated to torchdiffeq. Every
-call counts the function evaluations (NFE). Finiteness is checked once at the end, not per step.
+Fixed-step rules (Euler, midpoint, Heun, RK4), flow-map jumps and the stochastic samplers of
+:mod:`flowmatch.solvers.sde` (Euler-Maruyama, gamma-sampling of a flow map) run through one loop
+over an explicit time grid; ``dopri5`` (adaptive Dormand-Prince 5(4)) is delegated to
+torchdiffeq. Every call counts the function evaluations (NFE). Finiteness is checked once at the
+end, not per step.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import torch
 import torchdiffeq  # type: ignore[import-untyped]  # torchdiffeq ships no type information
 from torch import Tensor
 
+from flowmatch.paths.schedules import Schedule
+from flowmatch.solvers.sde import Diffusion, Stepper, euler_maruyama_stepper, gamma_stepper
 from flowmatch.solvers.steps import STEP_RULES
 from flowmatch.solvers.time_grids import check_time_grid, uniform_time_grid
 from flowmatch.types import TwoTimeField, VelocityField
 
-METHODS = (*STEP_RULES, "dopri5")
+METHODS = (*STEP_RULES, "dopri5", "euler_maruyama")
 
 
 @dataclass
@@ -58,6 +62,38 @@ def resolve_time_grid(
     return time_grid
 
 
+def _stepper(
+    field: Callable[..., Tensor],
+    method: str,
+    times: Tensor,
+    schedule: Schedule | None,
+    diffusion: Diffusion | float | None,
+    gamma: float | None,
+    generator: torch.Generator | None,
+    model_kwargs: dict[str, Any],
+) -> tuple[Stepper, int]:
+    """The step ``(k, x_k) -> x_{k+1}`` of a fixed-grid method over ``times [T, B]`` and its NFE
+    per step."""
+    if method != "euler_maruyama" and gamma is None:
+        rule = STEP_RULES[method]
+
+        def step(k: int, x: Tensor) -> Tensor:
+            return rule.step(field, x, times[k], times[k + 1], model_kwargs)
+
+        return step, rule.nfe
+    if schedule is None:
+        raise ValueError(f"stochastic sampling with {method!r} needs the path's schedule=")
+    if not bool(times[-1, 0] > times[0, 0]):
+        raise ValueError("stochastic sampling runs forwards: the time grid must increase")
+    if gamma is not None:
+        stepper = gamma_stepper(field, times, schedule, gamma, generator, model_kwargs)
+        return stepper, STEP_RULES["flow_map"].nfe
+    if diffusion is None:
+        raise ValueError("method 'euler_maruyama' needs diffusion= (a float or a schedule)")
+    stepper = euler_maruyama_stepper(field, times, schedule, diffusion, generator, model_kwargs)
+    return stepper, STEP_RULES["euler"].nfe
+
+
 def integrate(
     field: VelocityField | TwoTimeField,
     x: Tensor,
@@ -67,18 +103,35 @@ def integrate(
     time_grid: Tensor | None = None,
     atol: float = 1e-5,
     rtol: float = 1e-5,
+    schedule: Schedule | None = None,
+    diffusion: Diffusion | float | None = None,
+    gamma: float | None = None,
+    generator: torch.Generator | None = None,
     model_kwargs: dict[str, Any] | None = None,
     return_trajectory: bool = False,
     check_finite: bool = True,
 ) -> IntegrationResult:
     """Carry ``x`` along ``time_grid`` with ``method``.
 
-    ``field`` is a velocity ``(x, t, **model_kwargs)`` for the ODE methods and a flow map
-    ``(x, s, t, **model_kwargs)`` for ``method="flow_map"``. For ``dopri5`` the grid gives the
-    output times (the solver chooses its own steps, shared across the batch).
+    ``field`` is a velocity ``(x, t, **model_kwargs)`` for the ODE methods and
+    ``euler_maruyama``, and a flow map ``(x, s, t, **model_kwargs)`` for ``method="flow_map"``.
+    For ``dopri5`` the grid gives the output times (the solver chooses its own steps, shared
+    across the batch).
+
+    Stochastic sampling (:mod:`flowmatch.solvers.sde`) runs forwards on an increasing grid,
+    draws from ``generator`` and needs the path's ``schedule``: ``method="euler_maruyama"``
+    samples the SDE with diffusion ``eps_t`` given by ``diffusion`` (a constant, or a
+    ``ConstantDiffusion`` / ``VanishingDiffusion`` or any ``eps(t)``), its score converted
+    from the velocity; ``method="flow_map"`` with ``gamma`` in [0, 1] re-noises between the
+    jumps (gamma-sampling; ``gamma=None``, the default, is plain jumps). Deterministic methods
+    ignore ``schedule`` and ``generator``.
     """
     model_kwargs = model_kwargs or {}
     grid = resolve_time_grid(x, method, steps, time_grid)
+    if diffusion is not None and method != "euler_maruyama":
+        raise ValueError(f"diffusion= is for method 'euler_maruyama', not {method!r}")
+    if gamma is not None and method != "flow_map":
+        raise ValueError(f"gamma= is for method 'flow_map', not {method!r}")
     batch = x.shape[0]
     if method == "dopri5":
         nfe = 0
@@ -92,14 +145,16 @@ def integrate(
         states = torchdiffeq.odeint(ode_func, x, grid, method="dopri5", atol=atol, rtol=rtol)
         x_end, trajectory = states[-1], (states if return_trajectory else None)
     else:
-        rule = STEP_RULES[method]
         times = grid[:, None].expand(-1, batch)  # [T, B] views, no per-step allocation
+        step, nfe_per_step = _stepper(
+            field, method, times, schedule, diffusion, gamma, generator, model_kwargs
+        )
         states_list = [x] if return_trajectory else None
         for k in range(grid.numel() - 1):
-            x = rule.step(field, x, times[k], times[k + 1], model_kwargs)
+            x = step(k, x)
             if states_list is not None:
                 states_list.append(x)
-        nfe = rule.nfe * (grid.numel() - 1)
+        nfe = nfe_per_step * (grid.numel() - 1)
         x_end = x
         trajectory = torch.stack(states_list) if states_list is not None else None
     if check_finite and not bool(torch.isfinite(x_end).all()):
@@ -119,12 +174,17 @@ def sample(
     time_grid: Tensor | None = None,
     atol: float = 1e-5,
     rtol: float = 1e-5,
+    schedule: Schedule | None = None,
+    diffusion: Diffusion | float | None = None,
+    gamma: float | None = None,
+    generator: torch.Generator | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Tensor:
     """Map source samples ``x0 [B, *dims]`` to time 1 (or the grid's end): a tensor like ``x0``.
 
     Runs under ``torch.inference_mode`` unless gradients are enabled by the caller for ``x0``.
-    See :func:`integrate` for the arguments and for NFE and trajectories.
+    See :func:`integrate` for the arguments (stochastic sampling included) and for NFE and
+    trajectories.
     """
     with torch.inference_mode(mode=not (torch.is_grad_enabled() and x0.requires_grad)):
         return integrate(
@@ -135,5 +195,9 @@ def sample(
             time_grid=time_grid,
             atol=atol,
             rtol=rtol,
+            schedule=schedule,
+            diffusion=diffusion,
+            gamma=gamma,
+            generator=generator,
             model_kwargs=model_kwargs,
         ).x
