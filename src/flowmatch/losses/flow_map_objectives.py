@@ -165,7 +165,7 @@ class SelfDistillationObjective(_FlowMapObjective):
 
 
 class MeanFlowObjective(_FlowMapObjective):
-    """MeanFlow (Geng et al. 2025; methods.md 5.1) on a flow map, in flowmatch time.
+    """MeanFlow (Geng et al. 2025, eqs. 6, 9, 10) on a flow map, in flowmatch time.
 
     Pairs from ``time_pairs`` (default :class:`LogitNormalTimePairs`: MeanFlow's ImageNet
     setting); diagonal samples regress ``v_{t,t}`` on ``dI_t/dt`` without a JVP, the others use
