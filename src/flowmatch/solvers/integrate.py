@@ -63,7 +63,7 @@ def resolve_time_grid(
 
 
 def _stepper(
-    field: Callable[..., Tensor],
+    field: VelocityField | TwoTimeField,
     method: str,
     times: Tensor,
     schedule: Schedule | None,
