@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 .venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/ruff format --check src tests benchmarks scripts
+.venv/bin/mypy src
 .venv/bin/python -m pytest -q "$@"

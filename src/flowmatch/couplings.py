@@ -27,9 +27,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import ot  # type: ignore[import-untyped]  # POT ships no type information
+import ot
 import torch
-from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]  # no stubs
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from flowmatch.shapes import check_same_shape

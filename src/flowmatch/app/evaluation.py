@@ -23,15 +23,18 @@ from flowmatch.data import ImageDataset, load_image_set, to_model_space
 from flowmatch.flow_map_likelihood import flow_map_log_likelihood
 from flowmatch.metrics import (
     FEATURE_EXTRACTORS,
+    InceptionV3,
     energy_distance,
     image_metrics,
     load_feature_extractor,
     load_inception,
     wasserstein2,
 )
+from flowmatch.metrics.features import LeNet
 from flowmatch.solvers import IntegrationResult, bits_per_dim, integrate, log_likelihood
 from flowmatch.training.config import ConfigError
 from flowmatch.training.files import check_inside
+from flowmatch.types import TwoTimeField, VelocityField
 
 
 def default_method(run: Run) -> str:
@@ -91,6 +94,7 @@ def generate(
             labels = torch.arange(n) % run.spec.num_classes
         model_kwargs["y"] = labels
     check_sampling(run, method, steps, n, guidance)
+    field: VelocityField | TwoTimeField
     if method == "flow_map":
         field, steps = run.model, steps or 1
     else:
@@ -211,7 +215,7 @@ def image_quality(
     pytorch-fid (checked by its hash), of Inception-v3."""
     name = run.config.data.name
     if inception_weights is not None:
-        extractor: torch.nn.Module = load_inception(inception_weights)
+        extractor: LeNet | InceptionV3 = load_inception(inception_weights)
     elif name in FEATURE_EXTRACTORS:
         extractor = load_feature_extractor(name)
     else:
@@ -259,7 +263,12 @@ def bits_per_dim_of_run(
     generator = torch.Generator().manual_seed(seed + 4)
     drawn = test.sample_labelled(n, generator)
     conditional = run.spec.num_classes is not None  # then log p(x | y) at the true labels
-    labels = drawn.label if conditional else torch.zeros(n, dtype=torch.long)
+    if not conditional:
+        labels = torch.zeros(n, dtype=torch.long)
+    elif drawn.label is None:
+        raise ValueError("a class-conditional run needs a labelled test split")
+    else:
+        labels = drawn.label
     dims = drawn.x1[0].numel()
     bpd, nfe = [], 0
     for chunk, y in zip(drawn.x1.split(batch), labels.split(batch), strict=True):
@@ -317,11 +326,14 @@ def evaluate_run(
     """
     method = method or default_method(run)
     n = run.config.eval.samples if n is None else n
-    for count in steps or [None]:
+    requested: list[int | None] = [*steps] if steps else [None]
+    for count in requested:
         check_sampling(run, method, count, n, guidance)
     if inception_weights is not None and len(run.spec.shape) != 3:
         raise ConfigError("--inception-weights applies to image runs")
-    counts: list = [None] if method == "dopri5" else (steps or [run.config.eval.steps or 16])
+    counts: list[int | None] = [None]  # dopri5 picks its own steps
+    if method != "dopri5":
+        counts = [*steps] if steps else [run.config.eval.steps or 16]
     report: dict[str, Any] = {"run": str(run.run_dir), "step": run.step, "method": method}
     if len(run.spec.shape) == 3:
         report.update(_image_report(run, method, counts, n, seed, guidance, inception_weights, nll))

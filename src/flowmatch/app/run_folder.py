@@ -58,7 +58,7 @@ class RunFolder(RunDir):
 
     def write_npz(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        np.savez(buffer, allow_pickle=True, **arrays)
         self.write(path, buffer.getvalue())
 
     def write_outside(self, path: Path, data: bytes) -> None:

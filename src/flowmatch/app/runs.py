@@ -33,6 +33,7 @@ from flowmatch.training.checkpoint import (
 )
 from flowmatch.training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from flowmatch.training.files import RunFileError, read_bytes
+from flowmatch.types import FlowMap, VelocityField
 
 
 @dataclass
@@ -57,12 +58,20 @@ class Run:
     def velocity(self, guidance_scale: float | None = None) -> Callable[..., Tensor]:
         """The velocity field to integrate: the network, its diagonal for a flow map, and the
         guided combination of both label branches when ``guidance_scale`` is given."""
-        field = self.model.velocity if self.is_flow_map else self.model
+        field: VelocityField
+        if not self.is_flow_map:
+            field = self.model
+        elif isinstance(self.model, FlowMap):
+            field = self.model.velocity
+        else:
+            raise TypeError(
+                f"a flow-map run needs a FlowMap model, got {type(self.model).__name__}"
+            )
         if guidance_scale is None:
-            return field  # type: ignore[return-value]
+            return field
         if self.spec.num_classes is None:
             raise ConfigError("guidance needs a class-conditional run")
-        return GuidedVelocity(field, guidance_scale, null_label=self.spec.num_classes)  # type: ignore[arg-type]
+        return GuidedVelocity(field, guidance_scale, null_label=self.spec.num_classes)
 
     def source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws from the path's source distribution, shaped like the data."""

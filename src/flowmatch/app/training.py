@@ -122,12 +122,13 @@ def check_resume(config: RunConfig, run_dir: Path, resume: bool) -> None:
 
 def validation_loss(data: Data, objective: Any, seed: int, n: int = 2048) -> Callable | None:
     """``validate(model)``: the objective's mean loss on a fixed validation draw, or None."""
-    if data.validation is None:
+    validation = data.validation
+    if validation is None:
         return None
 
     def validate(model: torch.nn.Module) -> float:
         generator = torch.Generator().manual_seed(seed)
-        batch = {"x1": data.validation.sample(n, generator)}
+        batch = {"x1": validation.sample(n, generator)}
         with torch.no_grad():
             return float(objective(model, batch, 0, generator).mean())
 

@@ -134,7 +134,7 @@ def load_digits(split: str = "train") -> ImageData:
     _check_split(split)
     try:
         # scikit-learn ships no type information (no py.typed marker).
-        from sklearn.datasets import load_digits as sklearn_load_digits  # type: ignore[import-untyped]
+        from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as error:
         raise ImportError(
             "the digits set ships with scikit-learn: pip install scikit-learn"

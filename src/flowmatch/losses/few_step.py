@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowmatch.losses.flow_map_objectives import _FlowMapObjective
 from flowmatch.losses.flow_maps import (
@@ -245,7 +245,7 @@ class ShortcutObjective(_FlowMapObjective):
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,
@@ -293,7 +293,7 @@ class SplitMeanFlowObjective(_FlowMapObjective):
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,
@@ -343,7 +343,7 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,
@@ -418,7 +418,7 @@ class AlphaFlowObjective(_FlowMapObjective):
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,

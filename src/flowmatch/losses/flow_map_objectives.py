@@ -35,6 +35,7 @@ from flowmatch.losses.flow_maps import (
 from flowmatch.paths.affine import AffinePath, PathSample
 from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
 from flowmatch.solvers.steps import euler_step
+from flowmatch.types import FlowMap, TwoTimeField, VelocityField
 
 TimePairSampler = Callable[..., TimePairs]
 
@@ -90,23 +91,23 @@ class _FlowMapObjective(nn.Module):
 
 
 OffDiagonalLoss = Callable[
-    [nn.Module, Tensor, Tensor, Tensor, dict[str, Tensor], torch.Generator | None], Tensor
+    [FlowMap, Tensor, Tensor, Tensor, dict[str, Tensor], torch.Generator | None], Tensor
 ]
 """``loss(flow_map, x_s, s, t, model_kwargs, generator) -> [B]``: a self-distillation term."""
 
 
-def lsd(model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
+def lsd(model: FlowMap, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
     """Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3)."""
     return lagrangian_self_distillation_loss(model, x_s, s, t, kw)
 
 
-def esd(model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
+def esd(model: FlowMap, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
     """Eulerian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3)."""
     return eulerian_self_distillation_loss(model, x_s, s, t, kw)
 
 
 def psd_midpoint(
-    model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any
+    model: FlowMap, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any
 ) -> Tensor:
     """Progressive self-distillation through the midpoint ``gamma = 1/2`` (Boffi, Albergo,
     Vanden-Eijnden 2025, Alg. 4)."""
@@ -114,7 +115,7 @@ def psd_midpoint(
 
 
 def psd_uniform(
-    model: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any
+    model: FlowMap, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any
 ) -> Tensor:
     """Progressive self-distillation through ``gamma ~ U(0, 1)`` drawn from ``generator``."""
     gamma = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
@@ -148,7 +149,7 @@ class SelfDistillationObjective(_FlowMapObjective):
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,
@@ -188,7 +189,7 @@ class MeanFlowObjective(_FlowMapObjective):
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,
@@ -245,7 +246,7 @@ class MapDistillationObjective(_FlowMapObjective):
     def __init__(
         self,
         path: AffinePath,
-        teacher: Callable[..., Tensor],
+        teacher: VelocityField,
         loss: MapDistillationLoss = lagrangian_map_distillation_loss,
         time_pairs: TimePairSampler | None = None,
         learned_weight: bool = False,
@@ -258,12 +259,12 @@ class MapDistillationObjective(_FlowMapObjective):
         self.loss = loss
 
     @property
-    def teacher(self) -> Callable[..., Tensor]:
+    def teacher(self) -> VelocityField:
         return self._teacher.call
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,
@@ -288,7 +289,7 @@ class ProgressiveMapDistillationObjective(MapDistillationObjective):
     def __init__(
         self,
         path: AffinePath,
-        teacher: Callable[..., Tensor],
+        teacher: VelocityField,
         tau0: float = 1.0 / 32.0,
         phase_steps: int = 2000,
         time_pairs: TimePairSampler | None = None,
@@ -310,11 +311,13 @@ class ProgressiveMapDistillationObjective(MapDistillationObjective):
     def _euler_teacher_map(self, x: Tensor, s: Tensor, t: Tensor, **kw: Any) -> Tensor:
         return euler_step(self.teacher, x, s, t, kw)
 
-    def _teacher_map_at(self, model: nn.Module, step: int) -> Callable[..., Tensor]:
+    def _teacher_map_at(self, model: FlowMap, step: int) -> TwoTimeField:
         """The teacher map of ``step``'s phase: a frozen copy of ``model`` made when the phase
         begins (or rebuilt from the weights a resumed run loaded)."""
         if self._restored_map is not None:
             copy_ = copy.deepcopy(model)
+            if not isinstance(copy_, nn.Module):
+                raise TypeError("restoring a PFMM teacher map needs an nn.Module flow map")
             copy_.load_state_dict(self._restored_map)
             self._teacher_map, self._restored_map = _frozen(copy_), None
         if step // self.phase_steps > self.phase:
@@ -324,7 +327,7 @@ class ProgressiveMapDistillationObjective(MapDistillationObjective):
 
     def forward(
         self,
-        model: nn.Module,
+        model: FlowMap,
         batch: dict[str, Tensor],
         step: int,
         generator: torch.Generator | None = None,

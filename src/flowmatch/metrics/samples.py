@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment  # type: ignore[import-untyped]  # no stubs
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 # Rows of one pairwise-distance block, chosen so that a block holds ~2**23 float64 values (64 MB).

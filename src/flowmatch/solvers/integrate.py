@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torchdiffeq  # type: ignore[import-untyped]  # torchdiffeq ships no type information
+import torchdiffeq
 from torch import Tensor
 
 from flowmatch.paths.schedules import Schedule

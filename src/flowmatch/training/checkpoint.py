@@ -88,8 +88,8 @@ def prune_checkpoints(directory: str | Path, keep: int | None) -> None:
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` to ``path`` atomically."""
     tensors: dict[str, Tensor] = {}
-    for prefix, state in (("model", checkpoint.model), ("ema", checkpoint.ema)):
-        tensors.update({f"{prefix}/{k}": v for k, v in state.items()})
+    for prefix, weights in (("model", checkpoint.model), ("ema", checkpoint.ema)):
+        tensors.update({f"{prefix}/{k}": v for k, v in weights.items()})
     optimizer_scalars: dict[str, dict[str, Any]] = {}
     for index, entries in checkpoint.optimizer["state"].items():
         for name, value in entries.items():
@@ -291,5 +291,5 @@ def _crc32(state: str, tensors: dict[str, Tensor]) -> int:
     for key in sorted(tensors):
         tensor = tensors[key]
         crc = zlib.crc32(key.encode(), crc)
-        crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy(), crc)
+        crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy().data, crc)
     return crc

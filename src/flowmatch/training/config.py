@@ -18,7 +18,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 
 import torch
 
@@ -157,8 +157,7 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cpu":
         return resolved
     backend = getattr(torch, resolved.type, None)
-    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
-    if not available:
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
         raise ConfigError(f"device {device!r} is not available here (torch {torch.__version__})")
     if resolved.index is not None and resolved.index >= backend.device_count():
         raise ConfigError(f"device {device!r}: this machine has {backend.device_count()}")
@@ -170,8 +169,8 @@ def may_change_on_resume(cls: type, prefix: str = "") -> set[str]:
     keys: set[str] = set()
     for f in fields(cls):
         kind = _field_types(cls)[f.name]
-        if is_dataclass(kind):
-            keys |= may_change_on_resume(kind, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        if _is_section(kind):
+            keys |= may_change_on_resume(kind, f"{prefix}{f.name}.")
         elif f.metadata.get(RESUMABLE):
             keys.add(prefix + f.name)
     return keys
@@ -223,11 +222,11 @@ def _parse_override(
         raise _unknown(head, prefix, types_)
     kind = types_[head]
     name = prefix + head
-    if is_dataclass(kind):
+    if _is_section(kind):
         if len(path) == 1:
             raise ConfigError(f"{name} is a section; set one of its keys as {name}.<key>=value")
         inner = changes.setdefault(head, {})
-        _parse_override(kind, path[1:], text, name + ".", inner)  # type: ignore[arg-type]
+        _parse_override(kind, path[1:], text, name + ".", inner)
     elif len(path) > 1:
         raise ConfigError(f"{name} is not a section; cannot set {'.'.join([name, *path[1:]])}")
     else:
@@ -243,6 +242,11 @@ def _apply(config: Any, changes: dict[str, Any], prefix: str) -> Any:
         for key, value in changes.items()
     }
     return _replace(config, prefix, **values) if values else config
+
+
+def _is_section(kind: Any) -> TypeGuard[type]:
+    """Whether the field type ``kind`` is a nested config dataclass (a class, not an instance)."""
+    return isinstance(kind, type) and is_dataclass(kind)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -264,7 +268,7 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
         if key not in types_:
             raise _unknown(key, prefix, types_)
         kind = types_[key]
-        if is_dataclass(kind):
+        if _is_section(kind):
             values[key] = _from_dict(kind, value, prefix + key + ".")
         else:
             values[key] = _coerce(value, kind, prefix + key)

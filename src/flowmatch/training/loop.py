@@ -337,8 +337,12 @@ def _micro_step(
 ) -> None:
     """Forward and backward of one micro-batch: ``mean(loss) / (G / N)``; DDP all-reduces the
     gradients after the process's last micro-batch only."""
-    sync = last or not isinstance(state.wrapped, DistributedDataParallel)
-    with contextlib.nullcontext() if sync else state.wrapped.no_sync():
+    wrapped = state.wrapped
+    if isinstance(wrapped, DistributedDataParallel) and not last:
+        sync: contextlib.AbstractContextManager[Any] = wrapped.no_sync()
+    else:
+        sync = contextlib.nullcontext()
+    with sync:
         with _autocast(cfg.precision, ctx.device):
             per_sample = state.wrapped(batch, state.step, generator)
         if per_sample.dim() != 1:
@@ -371,7 +375,7 @@ def _check_finite(state: _State, loss: float, grad_norm: Tensor | None, full: bo
 
 
 def _all_finite(state: _State) -> bool:
-    tensors = [*state.params, *state.ema.module.parameters()]
+    tensors: list[Tensor] = [*state.params, *state.ema.module.parameters()]
     for entries in state.optimizer.state.values():
         tensors += [v for v in entries.values() if isinstance(v, Tensor)]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy
 import torch
@@ -131,7 +131,8 @@ class Progress:
 
     def __init__(self, run: RunDir, start_step: int, steps: int, enabled: bool = True) -> None:
         self.run, self.start_step, self.steps, self.enabled = run, start_step, steps, enabled
-        self.file = self.bar = None
+        self.file: TextIO | None = None
+        self.bar: tqdm.tqdm | None = None
 
     def __enter__(self) -> Progress:
         if self.enabled:
