@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from torch import Tensor
 
 from flowmatch.losses.flow_matching import cfm_loss
 from flowmatch.paths.affine import AffinePath
 from flowmatch.paths.schedules import CondOTSchedule, Schedule
 from flowmatch.solvers.integrate import integrate, sample
+from flowmatch.training.files import RunFileError, atomic_write, read_bytes, read_text
 from flowmatch.types import TimeSampler, VelocityField
 
 PAIRS_FORMAT = "flowmatch-reflow-pairs/1"
@@ -159,24 +161,33 @@ def _files(path: str | Path) -> tuple[Path, Path]:
 
 
 def save_reflow_pairs(pairs: ReflowPairs, path: str | Path) -> None:
-    """Write ``<path>.safetensors`` (``x0``, ``x1``, ``y``) and the ``<path>.json`` sidecar."""
+    """Write ``<path>.safetensors`` (``x0``, ``x1``, ``y``) and the ``<path>.json`` sidecar,
+    each atomically."""
     tensor_file, sidecar = _files(path)
-    tensor_file.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"x0": pairs.x0.contiguous(), "x1": pairs.x1.contiguous()}
     if pairs.y is not None:
         tensors["y"] = pairs.y.contiguous()
-    save_file(tensors, str(tensor_file))
-    sidecar.write_text(json.dumps(pairs.metadata, indent=2, sort_keys=True) + "\n")
+    atomic_write(tensor_file, safetensors.torch.save(tensors))
+    atomic_write(sidecar, (json.dumps(pairs.metadata, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_reflow_pairs(path: str | Path) -> ReflowPairs:
-    """Read pairs written by :func:`save_reflow_pairs`."""
+    """Read pairs written by :func:`save_reflow_pairs`; ``ValueError`` (one line naming the
+    file) for a sidecar or tensor file that is not theirs."""
     tensor_file, sidecar = _files(path)
-    metadata = json.loads(sidecar.read_text())
-    if metadata.get("format") != PAIRS_FORMAT:
+    try:
+        metadata = json.loads(read_text(sidecar))
+        tensors = safetensors.torch.load(read_bytes(tensor_file))
+    except (RunFileError, json.JSONDecodeError, SafetensorError) as error:
+        raise ValueError(f"reflow pairs {path}: {error}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != PAIRS_FORMAT:
         raise ValueError(f"{sidecar} is not a {PAIRS_FORMAT} sidecar")
-    tensors = load_file(str(tensor_file))
-    return ReflowPairs(x0=tensors["x0"], x1=tensors["x1"], metadata=metadata, y=tensors.get("y"))
+    x0, x1 = tensors.get("x0"), tensors.get("x1")
+    if x0 is None or x1 is None or x0.shape != x1.shape or not x0.is_floating_point():
+        raise ValueError(f"{tensor_file} does not hold float pairs x0, x1 of one shape")
+    if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
+        raise ValueError(f"{tensor_file} holds non-finite pairs; delete it to generate them again")
+    return ReflowPairs(x0=x0, x1=x1, metadata=metadata, y=tensors.get("y"))
 
 
 def cached_reflow_pairs(

@@ -155,6 +155,9 @@ def _read_checkpoint(
         raise CheckpointError(f"{folder.root} has no checkpoint yet")
     state = load_checkpoint(path)
     if compare:
+        steps = read_config(folder.root).train.steps
+        if state.step > steps:
+            raise CheckpointError(f"{path} is at step {state.step}, beyond the run's {steps}")
         try:
             stored = config_to_dict(config_from_dict(RunConfig, state.config))
         except ConfigError as error:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from flowmatch.training.config import TrainConfig, may_change_on_resume
+from flowmatch.training.config import MAX_STEPS, TrainConfig, may_change_on_resume
 from flowmatch.training.files import RunFileError, atomic_write, read_bytes
 
 FORMAT = "flowmatch.checkpoint/1"
@@ -161,7 +161,7 @@ def load_checkpoint(path: str | Path, expected_config: dict[str, Any] | None = N
     try:
         checkpoint = _unflatten(json.loads(metadata["state"]), tensors)
     except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path} is malformed: {error!r}") from None
+        raise CheckpointError(f"{path} is malformed: {type(error).__name__} {error}") from None
     if expected_config is not None:
         conflicts = resume_conflicts(checkpoint.config, expected_config)
         if conflicts:
@@ -225,6 +225,12 @@ def _check_tensor(path: Path, name: str, got: Any, want: Tensor) -> None:
         raise CheckpointError(f"{path}: {name} holds non-finite values")
 
 
+def _step(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_STEPS:
+        raise ValueError(f"step must be an integer in [0, {MAX_STEPS}], got {value!r}")
+    return value
+
+
 def _unflatten(state: dict[str, Any], tensors: dict[str, Tensor]) -> Checkpoint:
     """Rebuild the state dicts from the tensors' prefixed names and the JSON state."""
     groups: dict[str, dict[str, Tensor]] = {
@@ -247,7 +253,7 @@ def _unflatten(state: dict[str, Any], tensors: dict[str, Tensor]) -> Checkpoint:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
     return Checkpoint(
-        step=int(state["step"]),
+        step=_step(state["step"]),
         config=state["config"],
         model=groups["model"],
         ema=groups["ema"],

@@ -93,7 +93,11 @@ class RunDir:
         meta = (
             self.read_json(self.meta) if resumed_step is not None and self.meta.exists() else None
         )
-        if isinstance(meta, dict) and isinstance(meta.get("resumes", []), list):
+        if meta is not None and not (
+            isinstance(meta, dict) and isinstance(meta.get("resumes", []), list)
+        ):
+            raise RunFileError(f"{self.meta} is not a flowmatch meta.json: move it away")
+        if isinstance(meta, dict):
             meta.setdefault("resumes", []).append({"step": resumed_step, **start})
         else:
             versions = {
