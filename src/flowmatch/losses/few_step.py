@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowmatch.losses.flow_map_objectives import _FlowMapObjective
+from flowmatch.losses.flow_map_objectives import _diagonal_then_off, _FlowMapObjective, _rows
 from flowmatch.losses.flow_maps import (
     _mean_square,
     adaptive_weight,
@@ -148,23 +148,6 @@ def alpha_flow_loss(
             target = target + (1.0 - alpha) * flow_map.slope(x_u, s + alpha * gap, t, **kw)
     squared_error = _mean_square(flow_map.slope(x_s, s, t, **kw) - target)
     return alpha * adaptive_weight(squared_error, 1.0, eps) * squared_error
-
-
-def _diagonal_then_off(
-    pairs: TimePairs, diagonal: Callable[[slice], Tensor], off_diagonal: Callable[[slice], Tensor]
-) -> Tensor:
-    """``diagonal(rows)`` of the first ``num_diagonal`` samples, then ``off_diagonal(rows)`` of
-    the rest: ``[B]``; an empty part is skipped (a JVP has a fixed cost even on no rows)."""
-    n, parts = pairs.num_diagonal, []
-    if n > 0:
-        parts.append(diagonal(slice(0, n)))
-    if n < pairs.s.shape[0]:
-        parts.append(off_diagonal(slice(n, None)))
-    return torch.cat(parts)
-
-
-def _rows(kw: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
-    return {k: v[rows] for k, v in kw.items()}
 
 
 @dataclass(frozen=True)

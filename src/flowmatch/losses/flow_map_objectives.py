@@ -40,30 +40,22 @@ from flowmatch.types import FlowMap, TwoTimeField, VelocityField
 TimePairSampler = Callable[..., TimePairs]
 
 
-def _slice_kwargs(kw: dict[str, Tensor], index: slice) -> dict[str, Tensor]:
-    return {k: v[index] for k, v in kw.items()}
+def _rows(kw: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    """The model keyword arguments of the samples ``rows``."""
+    return {k: v[rows] for k, v in kw.items()}
 
 
 def _diagonal_then_off(
-    point: PathSample,
-    pairs: TimePairs,
-    kw: dict[str, Tensor],
-    diagonal_loss: Callable[..., Tensor],
-    off_diagonal_loss: Callable[..., Tensor],
+    pairs: TimePairs, diagonal: Callable[[slice], Tensor], off_diagonal: Callable[[slice], Tensor]
 ) -> Tensor:
-    """``diagonal_loss(x_t, t, velocity, kw)`` of the first ``num_diagonal`` samples followed by
-    ``off_diagonal_loss(x_s, s, t, velocity, kw)`` of the rest: ``[B]``. An empty part is skipped
-    (``torch.func.jvp`` has a fixed cost even on an empty batch)."""
+    """``diagonal(rows)`` of the first ``num_diagonal`` samples, then ``off_diagonal(rows)`` of
+    the rest: ``[B]``. An empty part is skipped (``torch.func.jvp`` has a fixed cost even on an
+    empty batch)."""
     n, parts = pairs.num_diagonal, []
     if n > 0:
-        d = slice(0, n)
-        parts.append(
-            diagonal_loss(point.x_t[d], pairs.t[d], point.velocity[d], _slice_kwargs(kw, d))
-        )
+        parts.append(diagonal(slice(0, n)))
     if n < pairs.s.shape[0]:
-        o = slice(n, None)
-        x_s, s, t, velocity = point.x_t[o], pairs.s[o], pairs.t[o], point.velocity[o]
-        parts.append(off_diagonal_loss(x_s, s, t, velocity, _slice_kwargs(kw, o)))
+        parts.append(off_diagonal(slice(n, None)))
     return torch.cat(parts)
 
 
@@ -156,13 +148,15 @@ class SelfDistillationObjective(_FlowMapObjective):
     ) -> Tensor:
         point, pairs, kw = self._draw(batch, generator)
 
-        def diagonal(x_t: Tensor, t: Tensor, velocity: Tensor, kw: dict) -> Tensor:
-            return diagonal_flow_matching_loss(model, x_t, t, velocity, kw)
+        def diagonal(rows: slice) -> Tensor:
+            x_t, t, velocity = point.x_t[rows], pairs.t[rows], point.velocity[rows]
+            return diagonal_flow_matching_loss(model, x_t, t, velocity, _rows(kw, rows))
 
-        def off_diagonal(x_s: Tensor, s: Tensor, t: Tensor, velocity: Tensor, kw: dict) -> Tensor:
-            return self.distill(model, x_s, s, t, kw, generator)
+        def off_diagonal(rows: slice) -> Tensor:
+            x_s, s, t = point.x_t[rows], pairs.s[rows], pairs.t[rows]
+            return self.distill(model, x_s, s, t, _rows(kw, rows), generator)
 
-        return self._weigh(_diagonal_then_off(point, pairs, kw, diagonal, off_diagonal), pairs)
+        return self._weigh(_diagonal_then_off(pairs, diagonal, off_diagonal), pairs)
 
 
 class MeanFlowObjective(_FlowMapObjective):
@@ -196,14 +190,21 @@ class MeanFlowObjective(_FlowMapObjective):
     ) -> Tensor:
         point, pairs, kw = self._draw(batch, generator)
 
-        def diagonal(x_t: Tensor, t: Tensor, velocity: Tensor, kw: dict) -> Tensor:
-            squared_error = diagonal_flow_matching_loss(model, x_t, t, velocity, kw)
+        def diagonal(rows: slice) -> Tensor:
+            x_t, t, velocity = point.x_t[rows], pairs.t[rows], point.velocity[rows]
+            squared_error = diagonal_flow_matching_loss(model, x_t, t, velocity, _rows(kw, rows))
             return adaptive_weight(squared_error, self.power, self.eps) * squared_error
 
-        def mean_flow(x_s: Tensor, s: Tensor, t: Tensor, velocity: Tensor, kw: dict) -> Tensor:
-            return meanflow_loss(model, x_s, s, t, velocity, self.power, self.eps, kw)
+        def mean_flow(rows: slice) -> Tensor:
+            x_s, s, t, velocity = (
+                point.x_t[rows],
+                pairs.s[rows],
+                pairs.t[rows],
+                point.velocity[rows],
+            )
+            return meanflow_loss(model, x_s, s, t, velocity, self.power, self.eps, _rows(kw, rows))
 
-        return _diagonal_then_off(point, pairs, kw, diagonal, mean_flow)
+        return _diagonal_then_off(pairs, diagonal, mean_flow)
 
 
 MapDistillationLoss = Callable[..., Tensor]
