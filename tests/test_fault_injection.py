@@ -257,3 +257,12 @@ def test_a_diverging_run_stops_and_keeps_only_finite_checkpoints(tmp_path, name,
         assert all(torch.isfinite(t).all() for t in tensors), path
     if latest_checkpoint(out) is not None:  # "latest" samples to finite points
         assert main(["sample", str(out), "--n", "50", "--solver", "euler", "--steps", "4"]) == 0
+
+
+def test_an_interrupted_command_is_one_line_with_exit_status_1(run, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("flowmatch.app.training.train", interrupt)
+    line = _one_line(capsys, ["train", "--resume", str(run), "train.log_every=1"], code=1)
+    assert "interrupted" in line and "--resume" in line

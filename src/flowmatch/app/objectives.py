@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
+from flowmatch.data import IMAGE_SETS
 from flowmatch.losses import (
     AlphaFlowObjective,
     FlowMatchingObjective,
@@ -112,6 +113,15 @@ def _map_distillation(loss: Callable[..., Tensor]) -> Callable[[Parts], MapDisti
     return build
 
 
+def _adaptive_power(parts: Parts) -> float:
+    """MeanFlow's adaptive-weight power: ``objective.adaptive_power``, else 1 for image data
+    (Geng et al. 2025) and 0 for vector data."""
+    power = parts.config.objective.adaptive_power
+    if power is not None:
+        return power
+    return 1.0 if parts.config.data.name in IMAGE_SETS else 0.0
+
+
 def _progressive(parts: Parts) -> ProgressiveMapDistillationObjective:
     assert parts.teacher is not None
     learned = parts.config.objective.learned_weight
@@ -155,12 +165,12 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "meanflow": ObjectiveEntry(
         "flow map by MeanFlow (Geng et al. 2025)",
         "flow_map",
-        lambda parts: MeanFlowObjective(parts.path),
+        lambda parts: MeanFlowObjective(parts.path, power=_adaptive_power(parts)),
     ),
     "imf": ObjectiveEntry(
         "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",
         "flow_map",
-        lambda parts: ImprovedMeanFlowObjective(parts.path),
+        lambda parts: ImprovedMeanFlowObjective(parts.path, power=_adaptive_power(parts)),
     ),
     "alpha-flow": ObjectiveEntry(
         "flow map by alpha-Flow's curriculum from flow matching to MeanFlow (arXiv 2510.20771)",

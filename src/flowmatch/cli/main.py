@@ -289,4 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"flowmatch {args.command}: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hint = (
+            " (continue it with flowmatch train --resume RUN)"
+            if args.command in ("train", "distill")
+            else ""
+        )
+        print(f"flowmatch {args.command}: interrupted{hint}", file=sys.stderr)
+        return 1
     return 0
