@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
-from flowmatch.data import IMAGE_SETS
 from flowmatch.losses import (
     AlphaFlowObjective,
     FlowMatchingObjective,
@@ -113,13 +112,8 @@ def _map_distillation(loss: Callable[..., Tensor]) -> Callable[[Parts], MapDisti
     return build
 
 
-def _adaptive_power(parts: Parts) -> float:
-    """MeanFlow's adaptive-weight power: ``objective.adaptive_power``, else 1 for image data
-    (Geng et al. 2025) and 0 for vector data."""
-    power = parts.config.objective.adaptive_power
-    if power is not None:
-        return power
-    return 1.0 if parts.config.data.name in IMAGE_SETS else 0.0
+def _power(parts: Parts) -> float:
+    return parts.config.objective.adaptive_power
 
 
 def _progressive(parts: Parts) -> ProgressiveMapDistillationObjective:
@@ -165,12 +159,12 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "meanflow": ObjectiveEntry(
         "flow map by MeanFlow (Geng et al. 2025)",
         "flow_map",
-        lambda parts: MeanFlowObjective(parts.path, power=_adaptive_power(parts)),
+        lambda parts: MeanFlowObjective(parts.path, power=_power(parts)),
     ),
     "imf": ObjectiveEntry(
         "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",
         "flow_map",
-        lambda parts: ImprovedMeanFlowObjective(parts.path, power=_adaptive_power(parts)),
+        lambda parts: ImprovedMeanFlowObjective(parts.path, power=_power(parts)),
     ),
     "alpha-flow": ObjectiveEntry(
         "flow map by alpha-Flow's curriculum from flow matching to MeanFlow (arXiv 2510.20771)",
