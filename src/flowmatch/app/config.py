@@ -171,6 +171,8 @@ class ObjectiveConfig:
     # conditional flow map learns the guided flow (guidance itself acts on velocities only)
     warm_start: bool = False  # distil / reflow: start from the teacher's weights (a flow map at
     # its Euler step); flowmatch distill turns it on
+    time_derivative: Literal["jvp", "finite_difference"] = "jvp"  # flow maps: how d/dt of the
+    # map is taken (finite_difference: for attention kernels without forward-mode derivatives)
     adaptive_power: float = 1.0  # meanflow, imf: power p of the weight 1 / (|r|^2 + eps)^p (the
     # papers' 1; on the 2-D checkerboard 0 diverges and 0.5 makes more jumps never worse)
 

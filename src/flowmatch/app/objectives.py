@@ -10,6 +10,7 @@ adding an objective is one entry here, plus its loss and its tests.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +34,6 @@ from flowmatch.losses import (
     psd_midpoint,
     psd_uniform,
 )
-from flowmatch.losses.flow_map_objectives import OffDiagonalLoss
 from flowmatch.paths import AffinePath
 from flowmatch.reflow import ReflowObjective
 
@@ -89,12 +89,15 @@ def _flow_matching(parts: Parts) -> FlowMatchingObjective:
     )
 
 
-def _self_distillation(distill: OffDiagonalLoss) -> Callable[[Parts], SelfDistillationObjective]:
+def _self_distillation(
+    distill: Callable[..., Tensor], takes_derivative: bool = True
+) -> Callable[[Parts], SelfDistillationObjective]:
     def build(parts: Parts) -> SelfDistillationObjective:
         cfg = parts.config.objective
+        method = cfg.time_derivative
         return SelfDistillationObjective(
             parts.path,
-            distill,
+            functools.partial(distill, method=method) if takes_derivative else distill,
             diagonal_fraction=cfg.diagonal_fraction,
             learned_weight=cfg.learned_weight,
             both_orders=cfg.both_orders,
@@ -106,8 +109,11 @@ def _self_distillation(distill: OffDiagonalLoss) -> Callable[[Parts], SelfDistil
 def _map_distillation(loss: Callable[..., Tensor]) -> Callable[[Parts], MapDistillationObjective]:
     def build(parts: Parts) -> MapDistillationObjective:
         assert parts.teacher is not None
-        learned = parts.config.objective.learned_weight
-        return MapDistillationObjective(parts.path, parts.teacher, loss, learned_weight=learned)
+        cfg = parts.config.objective
+        with_method = functools.partial(loss, method=cfg.time_derivative)
+        return MapDistillationObjective(
+            parts.path, parts.teacher, with_method, learned_weight=cfg.learned_weight
+        )
 
     return build
 
@@ -149,17 +155,21 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "psd-mid": ObjectiveEntry(
         "flow map by progressive self-distillation through the midpoint (Boffi et al. 2025)",
         "flow_map",
-        _self_distillation(psd_midpoint),
+        _self_distillation(psd_midpoint, takes_derivative=False),
     ),
     "psd-uniform": ObjectiveEntry(
         "flow map by progressive self-distillation through uniform points (Boffi et al. 2025)",
         "flow_map",
-        _self_distillation(psd_uniform),
+        _self_distillation(psd_uniform, takes_derivative=False),
     ),
     "meanflow": ObjectiveEntry(
         "flow map by MeanFlow (Geng et al. 2025)",
         "flow_map",
-        lambda parts: MeanFlowObjective(parts.path, power=_power(parts)),
+        lambda parts: MeanFlowObjective(
+            parts.path,
+            power=_power(parts),
+            time_derivative=parts.config.objective.time_derivative,
+        ),
     ),
     "imf": ObjectiveEntry(
         "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from flowmatch.losses.flow_maps import (
     LearnedLossWeight,
+    TimeDerivative,
     adaptive_weight,
     diagonal_flow_matching_loss,
     eulerian_self_distillation_loss,
@@ -88,14 +89,32 @@ OffDiagonalLoss = Callable[
 """``loss(flow_map, x_s, s, t, model_kwargs, generator) -> [B]``: a self-distillation term."""
 
 
-def lsd(model: FlowMap, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
-    """Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3)."""
-    return lagrangian_self_distillation_loss(model, x_s, s, t, kw)
+def lsd(
+    model: FlowMap,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    kw: dict,
+    generator: Any,
+    method: TimeDerivative = "jvp",
+) -> Tensor:
+    """Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3);
+    ``method`` computes ``d_t X``."""
+    return lagrangian_self_distillation_loss(model, x_s, s, t, kw, method)
 
 
-def esd(model: FlowMap, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any) -> Tensor:
-    """Eulerian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3)."""
-    return eulerian_self_distillation_loss(model, x_s, s, t, kw)
+def esd(
+    model: FlowMap,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    kw: dict,
+    generator: Any,
+    method: TimeDerivative = "jvp",
+) -> Tensor:
+    """Eulerian self-distillation (Boffi, Albergo, Vanden-Eijnden 2025, Prop. 2.3);
+    ``method`` computes ``d_s X`` and the transport term."""
+    return eulerian_self_distillation_loss(model, x_s, s, t, kw, method)
 
 
 def psd_midpoint(
@@ -173,6 +192,8 @@ class MeanFlowObjective(_FlowMapObjective):
         time_pairs: TimePairSampler | None = None,
         power: float = 1.0,
         eps: float = 1e-3,
+        time_derivative: TimeDerivative = "jvp",
+        tangent_graph: bool = True,
     ) -> None:
         time_pairs = time_pairs or LogitNormalTimePairs(
             t_min=path.schedule.t_min, t_max=path.schedule.t_max
@@ -180,6 +201,8 @@ class MeanFlowObjective(_FlowMapObjective):
         super().__init__(path, time_pairs, learned_weight=False)
         self.power = power
         self.eps = eps
+        self.time_derivative = time_derivative
+        self.tangent_graph = tangent_graph  # False: the stop-gradient tangent without a graph
 
     def forward(
         self,

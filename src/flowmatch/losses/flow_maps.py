@@ -17,7 +17,7 @@ reaches a teacher's parameters or its input point.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ class Derivative:
     derivative: Tensor
 
 
+TimeDerivative = Literal["jvp", "finite_difference"]
+
+
 def directional_derivative(
     fn: TwoTimeField,
     x: Tensor,
@@ -50,12 +53,19 @@ def directional_derivative(
     ds: Tensor | None = None,
     dt: Tensor | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
+    step: float = 1e-3,
+    tangent_graph: bool = True,
 ) -> Derivative:
-    """``f(x, s, t)`` and ``d/de f(x + e dx, s + e ds, t + e dt)`` at ``e = 0`` in one JVP.
+    """``f(x, s, t)`` and ``d/de f(x + e dx, s + e ds, t + e dt)`` at ``e = 0``.
 
-    Only the arguments given a tangent are differentiated (the others are constants, which is
-    cheaper than zero tangents). Gradients flow through both outputs to ``fn``'s parameters.
-    Examples: ``dt = 1`` gives ``d_t X_{s,t}``; ``dx = b, ds = 1`` gives ``(d_s + b . grad) f``.
+    ``method="jvp"``: one forward-mode pass (``torch.func.jvp``); ``"finite_difference"``: the
+    central difference ``(f(p + h d) - f(p - h d)) / 2h`` with ``h = step`` (error ``O(h^2)``),
+    for networks whose kernels have no forward-mode derivative (some fused attention). With
+    ``tangent_graph=False`` the derivative is computed without an autograd graph (for targets
+    under stop-gradient: less memory); the value keeps its graph either way. Only the arguments
+    given a tangent are differentiated. Examples: ``dt = 1`` gives ``d_t X_{s,t}``;
+    ``dx = b, ds = 1`` gives ``(d_s + b . grad) f``.
     """
     kw = model_kwargs or {}
     primals = {"x": x, "s": s, "t": t}
@@ -68,10 +78,22 @@ def directional_derivative(
         a = {**primals, **dict(zip(names, args, strict=True))}
         return fn(a["x"], a["s"], a["t"], **kw)
 
+    points = tuple(primals[n] for n in names)
+    directions = tuple(tangents[n] for n in names)
+    if method == "finite_difference":
+        value = restricted(*points)
+        with torch.enable_grad() if tangent_graph else torch.no_grad():
+            ahead = restricted(*(p + step * d for p, d in zip(points, directions, strict=True)))
+            behind = restricted(*(p - step * d for p, d in zip(points, directions, strict=True)))
+        return Derivative(value=value, derivative=(ahead - behind) / (2.0 * step))
+    if method != "jvp":
+        raise ValueError(f"method must be jvp or finite_difference, got {method!r}")
+    if not tangent_graph:
+        with torch.no_grad():
+            derivative = torch.func.jvp(restricted, points, directions)[1]
+        return Derivative(value=restricted(*points), derivative=derivative)
     # torch types the result as a 2- or a 3-tuple (the latter with has_aux=True, not used here).
-    value, derivative = torch.func.jvp(
-        restricted, tuple(primals[n] for n in names), tuple(tangents[n] for n in names)
-    )[:2]
+    value, derivative = torch.func.jvp(restricted, points, directions)[:2]
     return Derivative(value=value, derivative=derivative)
 
 
@@ -82,6 +104,7 @@ def lagrangian_map_distillation_loss(
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
 ) -> Tensor:
     """LMD, semigradient (Boffi et al. 2024, Cor. 3.7).
 
@@ -89,7 +112,9 @@ def lagrangian_map_distillation_loss(
     the end time ``t``, on a detached input and without gradient. Zero iff ``X`` is ``b``'s flow.
     """
     kw = model_kwargs or {}
-    lagrangian = directional_derivative(flow_map, x_s, s, t, dt=torch.ones_like(t), model_kwargs=kw)
+    lagrangian = directional_derivative(
+        flow_map, x_s, s, t, dt=torch.ones_like(t), model_kwargs=kw, method=method
+    )
     with torch.no_grad():
         target = teacher(lagrangian.value.detach(), t, **kw)
     return _mean_square(lagrangian.derivative - target)
@@ -102,6 +127,7 @@ def eulerian_map_distillation_loss(
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
 ) -> Tensor:
     """EMD, semigradient (Boffi et al. 2024, Sec. 3).
 
@@ -109,10 +135,13 @@ def eulerian_map_distillation_loss(
     and time ``s``; the gradient flows through ``d_s X`` only (two JVPs, the second without graph).
     """
     kw = model_kwargs or {}
-    d_s = directional_derivative(flow_map, x_s, s, t, ds=torch.ones_like(s), model_kwargs=kw)
+    ones = torch.ones_like(s)
+    d_s = directional_derivative(flow_map, x_s, s, t, ds=ones, model_kwargs=kw, method=method)
     with torch.no_grad():
         b = teacher(x_s, s, **kw)
-        transport = directional_derivative(flow_map, x_s, s, t, dx=b, model_kwargs=kw)
+        transport = directional_derivative(
+            flow_map, x_s, s, t, dx=b, model_kwargs=kw, method=method
+        )
     return _mean_square(d_s.derivative + transport.derivative)
 
 
@@ -142,13 +171,15 @@ def lagrangian_self_distillation_loss(
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
 ) -> Tensor:
     """LSD (Boffi et al. 2025, Prop. 2.3, with the stop-gradients of eq. 94).
 
     ``r = d_t X_{s,t}(x_s) - sg(v_{t,t}(sg X_{s,t}(x_s)))``: LMD whose teacher is the map's own
     diagonal ``v_{t,t}`` at the current parameters.
     """
-    return lagrangian_map_distillation_loss(flow_map, flow_map.velocity, x_s, s, t, model_kwargs)
+    velocity = flow_map.velocity
+    return lagrangian_map_distillation_loss(flow_map, velocity, x_s, s, t, model_kwargs, method)
 
 
 def eulerian_self_distillation_loss(
@@ -157,13 +188,15 @@ def eulerian_self_distillation_loss(
     s: Tensor,
     t: Tensor,
     model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
 ) -> Tensor:
     """ESD, Eulerian self-distillation (Boffi et al. 2025, Prop. 2.3).
 
     ``r = d_s X_{s,t}(x_s) + sg(grad_x X_{s,t}(x_s) v_{s,s}(x_s))``: EMD whose teacher is the map's
     own diagonal.
     """
-    return eulerian_map_distillation_loss(flow_map, flow_map.velocity, x_s, s, t, model_kwargs)
+    velocity = flow_map.velocity
+    return eulerian_map_distillation_loss(flow_map, velocity, x_s, s, t, model_kwargs, method)
 
 
 def progressive_self_distillation_loss(
@@ -216,6 +249,8 @@ def meanflow_loss(
     power: float = 1.0,
     eps: float = 1e-3,
     model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
+    tangent_graph: bool = True,
 ) -> Tensor:
     """MeanFlow (Geng et al. 2025, eqs. 6, 9, 10) written in flowmatch time (t = 0 noise).
 
@@ -225,9 +260,20 @@ def meanflow_loss(
     the conditional velocity ``velocity = dI_s/ds`` for ``b_s`` (the target is affine in it):
     ``D = sg(v_{s,t} - velocity - (t - s) jvp(v, (x, s, t), (velocity, 1, 0)))``, loss
     ``adaptive_weight(|D|^2) |D|^2`` with ``|D|^2`` averaged over dimensions (the paper sums).
+    ``method`` computes the time derivative; the target is under ``sg``, so with
+    ``tangent_graph=False`` it is computed without an autograd graph (less memory, one more
+    forward pass).
     """
     mean_flow = directional_derivative(
-        flow_map.slope, x_s, s, t, dx=velocity, ds=torch.ones_like(s), model_kwargs=model_kwargs
+        flow_map.slope,
+        x_s,
+        s,
+        t,
+        dx=velocity,
+        ds=torch.ones_like(s),
+        model_kwargs=model_kwargs,
+        method=method,
+        tangent_graph=tangent_graph,
     )
     target = velocity + broadcast_time(t - s, x_s) * mean_flow.derivative.detach()
     squared_error = _mean_square(mean_flow.value - target)
