@@ -99,9 +99,14 @@ class ShardedEMA:
         return [*self._targets, *self._buffer_copies.values()]
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The full EMA weights on the CPU (a collective: every process must call it)."""
-        state = self.state_dict().items()
-        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in state}
+        """The full EMA weights on rank 0's CPU, ``{}`` elsewhere (a collective: every process
+        must call it; one tensor at a time is gathered on the others)."""
+        full = {}
+        for name, value in self.state_dict().items():
+            gathered = value.full_tensor() if isinstance(value, DTensor) else value
+            if self._is_main:
+                full[name] = gathered.cpu()
+        return full
 
     def gather(self) -> None:
         """Refresh ``module`` on rank 0 from the shards (a collective)."""
