@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from flowmatch.data.base import draw_device
 from flowmatch.losses.flow_matching import cfm_loss
 from flowmatch.paths.affine import AffinePath
 from flowmatch.paths.schedules import CondOTSchedule, Schedule
@@ -48,8 +49,11 @@ class ReflowPairs:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """``{"x0", "x1"(, "y")}``: ``n`` pairs drawn uniformly with replacement (indices drawn on
-        the CPU with ``generator``, as :class:`~flowmatch.data.arrays.ArrayDataset` does)."""
-        index = torch.randint(self.x1.shape[0], (n,), generator=generator).to(self.x1.device)
+        the generator's device and moved to the pairs', as :class:`~flowmatch.data.ArrayDataset`
+        does)."""
+        device = draw_device(generator)
+        index = torch.randint(self.x1.shape[0], (n,), generator=generator, device=device)
+        index = index.to(self.x1.device)
         batch = {"x0": self.x0[index], "x1": self.x1[index]}
         if self.y is not None:
             batch["y"] = self.y[index]

@@ -15,14 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowmatch.data.base import draw_device
+
 ARRAY_SUFFIXES = (".npy", ".pt")
 
 
 class ArrayDataset:
     """Rows of ``data: [N, *dims]`` drawn uniformly with replacement.
 
-    ``sample`` draws the indices on the CPU with ``generator`` (so a CPU generator works for data
-    on any device) and indexes ``data`` on its own device.
+    ``sample`` draws the indices on the generator's device and indexes ``data`` on its own
+    device (the contract of :class:`~flowmatch.data.base.Dataset`).
     """
 
     def __init__(self, data: Tensor) -> None:
@@ -39,7 +41,9 @@ class ArrayDataset:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n, *dims]`` rows drawn uniformly with replacement."""
-        index = torch.randint(self.data.shape[0], (n,), generator=generator)
+        index = torch.randint(
+            self.data.shape[0], (n,), generator=generator, device=draw_device(generator)
+        )
         return self.data[index.to(self.data.device)]
 
     def to(self, device: torch.device | str) -> ArrayDataset:

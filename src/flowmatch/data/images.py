@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowmatch.data.base import draw_device
 from flowmatch.data.fetch import IDX_SHA256
 
 IDX_IMAGES_MAGIC = 0x00000803
@@ -105,9 +106,12 @@ class ImageDataset:
 
     def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> ImageBatch:
         """``n`` images in model space with their labels (``None`` for an unlabelled set)."""
-        index = torch.randint(self.images.shape[0], (n,), generator=generator)
+        device = draw_device(generator)
+        index = torch.randint(self.images.shape[0], (n,), generator=generator, device=device)
         if self.dequantize:
-            noise = torch.rand((n, *self.shape), generator=generator, dtype=self.dtype)
+            noise = torch.rand(
+                (n, *self.shape), generator=generator, dtype=self.dtype, device=device
+            )
             noise = noise.to(self.images.device)
         else:
             noise = torch.full((), 0.5, dtype=self.dtype, device=self.images.device)

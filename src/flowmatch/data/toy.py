@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from flowmatch.data.base import draw_device
 from flowmatch.oracles import GaussianMixtureOracle
 
 
@@ -49,9 +50,11 @@ class Checkerboard(Toy2D):
     name: ClassVar[str] = "checkerboard"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(n, 2, generator=generator)
-        column = torch.randint(0, 4, (n,), generator=generator) - 2  # i in {-2, ..., 1}
-        row_pair = torch.randint(0, 2, (n,), generator=generator)
+        device = draw_device(generator)
+        u = torch.rand(n, 2, generator=generator, device=device)
+        # i in {-2, ..., 1}
+        column = torch.randint(0, 4, (n,), generator=generator, device=device) - 2
+        row_pair = torch.randint(0, 2, (n,), generator=generator, device=device)
         row = 2 * row_pair - 2 + column.remainder(2)  # j with i + j even
         return torch.stack([column, row], dim=1).to(torch.float32) + u
 
@@ -137,13 +140,14 @@ class TwoMoons(Toy2D):
     name: ClassVar[str] = "moons"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        angle = math.pi * torch.rand(n, generator=generator)
-        lower = torch.rand(n, generator=generator) < 0.5
+        device = draw_device(generator)
+        angle = math.pi * torch.rand(n, generator=generator, device=device)
+        lower = torch.rand(n, generator=generator, device=device) < 0.5
         upper_moon = torch.stack([angle.cos(), angle.sin()], dim=1)
         lower_moon = torch.stack([1 - angle.cos(), 0.5 - angle.sin()], dim=1)
         moons = torch.where(lower[:, None], lower_moon, upper_moon)
-        centred = (moons - torch.tensor([0.5, 0.25])) * (2 / math.sqrt(3))
-        return centred + self.noise * torch.randn(n, 2, generator=generator)
+        centred = (moons - torch.tensor([0.5, 0.25], device=moons.device)) * (2 / math.sqrt(3))
+        return centred + self.noise * torch.randn(n, 2, generator=generator, device=device)
 
 
 @dataclass(frozen=True)
@@ -161,11 +165,12 @@ class ConcentricRings(Toy2D):
     name: ClassVar[str] = "rings"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        ring = torch.randint(0, len(self.radii), (n,), generator=generator)
-        radius = torch.tensor(self.radii, dtype=torch.float32)[ring]
-        angle = 2 * math.pi * torch.rand(n, generator=generator)
+        device = draw_device(generator)
+        ring = torch.randint(0, len(self.radii), (n,), generator=generator, device=device)
+        radius = torch.tensor(self.radii, dtype=torch.float32, device=ring.device)[ring]
+        angle = 2 * math.pi * torch.rand(n, generator=generator, device=device)
         circle = radius[:, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
-        return circle + self.noise * torch.randn(n, 2, generator=generator)
+        return circle + self.noise * torch.randn(n, 2, generator=generator, device=device)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """``logsumexp_k [-log K + log p_k(x)]`` with the blurred-circle ``p_k`` above: ``[B]``."""
@@ -196,11 +201,12 @@ class Spirals(Toy2D):
     name: ClassVar[str] = "spirals"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        s = torch.rand(n, generator=generator).sqrt()
+        device = draw_device(generator)
+        s = torch.rand(n, generator=generator, device=device).sqrt()
         angle = 2 * math.pi * self.turns * s
-        arm = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        arm = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
         curve = (arm * self.max_radius * s)[:, None] * torch.stack([-angle.cos(), angle.sin()], 1)
-        return curve + self.noise * torch.randn(n, 2, generator=generator)
+        return curve + self.noise * torch.randn(n, 2, generator=generator, device=device)
 
 
 TOY_DATASETS: dict[str, Callable[[], Toy2D]] = {

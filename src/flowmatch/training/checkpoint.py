@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,11 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"ckpt-{step:06d}.safetensors"
 
 
+def sharded_path(path: str | Path) -> Path:
+    """The folder of a ``train.parallel=fsdp`` checkpoint's shards, next to its file."""
+    return Path(path).with_suffix(".dcp")
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """The checkpoints in ``directory``, oldest step first."""
     directory = Path(directory)
@@ -79,10 +85,12 @@ def checkpoint_to_resume(run_dir: str | Path, resume: bool) -> Path | None:
 
 
 def prune_checkpoints(directory: str | Path, keep: int | None) -> None:
-    """Delete all but the ``keep`` newest checkpoints (all are kept if ``keep`` is None)."""
+    """Delete all but the ``keep`` newest checkpoints (all are kept if ``keep`` is None), with
+    their folders of shards."""
     if keep is not None:
         for path in list_checkpoints(directory)[:-keep]:
             path.unlink()
+            shutil.rmtree(sharded_path(path), ignore_errors=True)
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:

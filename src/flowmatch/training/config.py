@@ -65,6 +65,9 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + k) / (10 + k)) at step k
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
+    # Several processes: ddp replicates the model; fsdp shards parameters, gradients, optimizer
+    # state and EMA over the processes (FSDP2) and writes sharded checkpoints.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = _free(100)
     checkpoint_every: int = _free(1000)
     keep_checkpoints: int | None = _free(3)  # None: keep all

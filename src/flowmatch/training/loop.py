@@ -18,6 +18,7 @@ Host syncs (``.item()``, finiteness checks) happen only at logging, validation a
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import struct
@@ -29,9 +30,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from flowmatch.training import distributed
+from flowmatch.training import distributed, fsdp
 from flowmatch.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -97,7 +99,7 @@ class TrainResult:
     step: int
     loss: float | None
     val_loss: float | None
-    ema: EMA
+    ema: EMA | fsdp.ShardedEMA  # under FSDP, ``ema.module`` is full on rank 0 only
     checkpoint: Path | None
     seconds: float
 
@@ -132,10 +134,11 @@ class _State:
 
     model: nn.Module
     objective: Objective
-    wrapped: nn.Module  # model and objective, under DDP when there are several processes
+    wrapped: nn.Module  # model and objective, under DDP or FSDP when there are several processes
+    sharded: bool  # FSDP: parameters, gradients, optimizer state and EMA are DTensor shards
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    ema: EMA
+    ema: EMA | fsdp.ShardedEMA
     step: int
     # The log window: the sum of step losses since the last logged step, on the device.
     loss_sum: Tensor
@@ -161,7 +164,9 @@ def train(
     rank 0. ``context`` is what else defines the run (JSON-ready sections describing the data,
     network, objective): config.json and every checkpoint hold ``{"train": config, **context}``,
     and a resumed run must agree with it (:func:`~flowmatch.training.checkpoint.resume_conflicts`).
-    Launch under torchrun for several processes.
+    Launch under torchrun for several processes, each given the same arguments. With
+    ``config.parallel == "fsdp"`` and several processes, ``model`` is sharded in place (its
+    parameters become ``DTensor`` shards): read the trained weights from the run folder.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -195,6 +200,19 @@ def _start(
     if isinstance(objective, nn.Module):
         objective.to(device)
     step_module = _ObjectiveStep(model, objective)
+    sharded = cfg.parallel == "fsdp" and ctx.world_size > 1
+    wrapped: nn.Module = step_module
+    ema: EMA | fsdp.ShardedEMA
+    if sharded:  # rank 0's initial weights on every process, then each keeps its shard
+        template = copy.deepcopy(model)  # the EMA's full module, an eager copy
+        wrapped = fsdp.shard(step_module, cfg.precision)
+        ema = fsdp.ShardedEMA(model, template, cfg.ema_decay, cfg.ema_warmup, ctx.is_main)
+    else:
+        if ctx.world_size > 1:  # broadcasts rank 0's initial weights to every process
+            wrapped = DistributedDataParallel(
+                step_module, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)  # an eager copy, made before compiling
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, far less overhead
         params,
@@ -204,12 +222,6 @@ def _start(
         weight_decay=cfg.weight_decay,
         fused=device.type in ("cpu", "cuda"),
     )
-    wrapped: nn.Module = step_module
-    if ctx.world_size > 1:  # broadcasts rank 0's initial weights to every process
-        wrapped = DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)  # an eager copy, made before compiling
     if cfg.compile:
         model.compile()  # in place, so a flow map's methods call the compiled network too
 
@@ -217,6 +229,7 @@ def _start(
         model=model,
         objective=objective,
         wrapped=wrapped,
+        sharded=sharded,
         params=params,
         optimizer=optimizer,
         ema=ema,
@@ -264,11 +277,10 @@ def _loop(
             done = state.step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.steps
             checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-            val_now = (
-                ctx.is_main
-                and validate is not None
-                and (done % (cfg.val_every or cfg.log_every) == 0 or done == cfg.steps)
+            val_due = validate is not None and (
+                done % (cfg.val_every or cfg.log_every) == 0 or done == cfg.steps
             )
+            val_now = ctx.is_main and val_due
             lr = learning_rate(
                 state.step,
                 peak=cfg.lr,
@@ -286,20 +298,20 @@ def _loop(
                 batch = _as_batch(source.sample(micro_size, generator), device)
                 _micro_step(state, batch, generator, cfg, ctx, j == micro_batches[-1], micro_size)
             if cfg.grad_clip is not None or log_now:  # the norm of the all-reduced gradient
-                grad_norm = _clip_grad_norm(state.params, cfg.grad_clip)
+                grad_norm = _clip_grad_norm(state, cfg.grad_clip, ctx)
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             state.ema.update(state.step)
             state.step = done
             progress.step()
-            if not (log_now or checkpoint_now or val_now):
+            if not (log_now or checkpoint_now or val_due):
                 continue
 
             record_line: dict[str, Any] = {"step": done}
             if log_now or checkpoint_now:  # a sync point, at the same steps on every process
                 window = distributed.all_reduce_sum(state.loss_sum.clone(), ctx).item()
                 mean = window / (ctx.world_size * max(1, done - state.logged_step))
-                _check_finite(state, mean, grad_norm if log_now else None, checkpoint_now)
+                _check_finite(state, mean, grad_norm if log_now else None, checkpoint_now, ctx)
             if log_now:
                 now = time.perf_counter()
                 loss = mean
@@ -311,6 +323,8 @@ def _loop(
                 )
                 state.loss_sum.zero_()
                 state.logged_step, interval_start = done, now
+            if val_due and isinstance(state.ema, fsdp.ShardedEMA):
+                state.ema.gather()  # every process: the full EMA on rank 0
             if val_now and validate is not None:
                 val_loss = float(validate(state.ema.module))
                 record_line["val_loss"] = val_loss
@@ -320,6 +334,8 @@ def _loop(
                 progress.log(record_line)
             if checkpoint_now:
                 _save(state, record, run, cfg, ctx, window if not log_now else 0.0)
+    if isinstance(state.ema, fsdp.ShardedEMA):
+        state.ema.gather()
     distributed.barrier(ctx)  # the final checkpoint exists when any process returns
     return TrainResult(
         state.step, loss, val_loss, state.ema, state.last_checkpoint, time.perf_counter() - started
@@ -338,10 +354,11 @@ def _micro_step(
     """Forward and backward of one micro-batch: ``mean(loss) / (G / N)``; DDP all-reduces the
     gradients after the process's last micro-batch only."""
     wrapped = state.wrapped
+    sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if isinstance(wrapped, DistributedDataParallel) and not last:
-        sync: contextlib.AbstractContextManager[Any] = wrapped.no_sync()
-    else:
-        sync = contextlib.nullcontext()
+        sync = wrapped.no_sync()
+    elif isinstance(wrapped, FSDPModule):  # FSDP reduce-scatters after the last one only
+        wrapped.set_requires_gradient_sync(last)
     with sync:
         with _autocast(cfg.precision, ctx.device):
             per_sample = state.wrapped(batch, state.step, generator)
@@ -357,7 +374,9 @@ def _micro_step(
     state.loss_sum += micro_loss.detach()
 
 
-def _check_finite(state: _State, loss: float, grad_norm: Tensor | None, full: bool) -> None:
+def _check_finite(
+    state: _State, loss: float, grad_norm: Tensor | None, full: bool, ctx: distributed.DistContext
+) -> None:
     """Raise ``TrainingDiverged`` if the window's mean loss is not finite or exceeds
     ``MAX_LOSS``, or the gradient norm or (``full``, before a checkpoint) the weights, the EMA or
     the optimizer state are not finite."""
@@ -368,17 +387,27 @@ def _check_finite(state: _State, loss: float, grad_norm: Tensor | None, full: bo
         what = f"the loss {loss:.3g} exceeds {MAX_LOSS:g}"
     elif grad_norm is not None and not bool(torch.isfinite(grad_norm)):
         what = "the gradient norm is not finite"
-    elif full and not _all_finite(state):
+    elif full and not _all_finite(state, ctx):
         what = "the weights or the optimizer state are not finite"
     if what is not None:
         raise TrainingDiverged(state.step, what, state.last_checkpoint)
 
 
-def _all_finite(state: _State) -> bool:
-    tensors: list[Tensor] = [*state.params, *state.ema.module.parameters()]
+def _all_finite(state: _State, ctx: distributed.DistContext) -> bool:
+    """Whether the weights, the EMA and the optimizer state are finite (on every process: each
+    checks its shards under FSDP)."""
+    ema = state.ema
+    tensors = [fsdp.local(p.detach()) for p in state.params]
+    if isinstance(ema, fsdp.ShardedEMA):
+        tensors += ema.local_tensors()
+    else:
+        tensors += list(ema.module.parameters())
     for entries in state.optimizer.state.values():
-        tensors += [v for v in entries.values() if isinstance(v, Tensor)]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        tensors += [fsdp.local(v) for v in entries.values() if isinstance(v, Tensor)]
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    if state.sharded:
+        return int(distributed.all_reduce_sum(finite.long(), ctx).item()) == ctx.world_size
+    return bool(finite)
 
 
 def _save(
@@ -389,16 +418,28 @@ def _save(
     ctx: distributed.DistContext,
     window: float,
 ) -> None:
-    """Write the checkpoint of ``state.step`` (rank 0) with the open log window's loss sum."""
+    """Write the checkpoint of ``state.step`` (rank 0) with the open log window's loss sum;
+    under FSDP, every process first writes its shards (:mod:`flowmatch.training.fsdp`)."""
     path = checkpoint_path(run.checkpoints, state.step)
+    if isinstance(state.ema, fsdp.ShardedEMA):
+        fsdp.save_sharded(path, state.wrapped, state.optimizer, state.ema)
+        model, ema = {}, state.ema.full_state_dict()
+        optimizer: dict[str, Any] = {"state": {}, "param_groups": []}
+        # A module objective's tensors are in the shards (it is part of the wrapped module).
+        module = isinstance(state.objective, nn.Module)
+        objective = {} if module else _objective_state(state.objective)
+    else:
+        model, ema = state.model.state_dict(), state.ema.state_dict()
+        optimizer = state.optimizer.state_dict()
+        objective = _objective_state(state.objective)
     if ctx.is_main:
         checkpoint = Checkpoint(
             step=state.step,
             config=record,
-            model=state.model.state_dict(),
-            ema=state.ema.state_dict(),
-            optimizer=state.optimizer.state_dict(),
-            objective=_objective_state(state.objective),
+            model=model,
+            ema=ema,
+            optimizer=optimizer,
+            objective=objective,
             log_window={"loss_sum": window, "logged_step": state.logged_step},
         )
         save_checkpoint(path, checkpoint)
@@ -420,10 +461,15 @@ def _as_batch(sample: Tensor | dict[str, Tensor], device: torch.device) -> dict[
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> Tensor:
-    """The global 2-norm of the gradients; they are scaled by ``min(1, max_norm / norm)``."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+def _clip_grad_norm(state: _State, max_norm: float | None, ctx: distributed.DistContext) -> Tensor:
+    """The global 2-norm of the gradients (over the shards of all processes under FSDP); they
+    are scaled by ``min(1, max_norm / norm)``."""
+    grads = [fsdp.local(p.grad) for p in state.params if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads))
+    if state.sharded:
+        norm = distributed.all_reduce_sum(norms.square().sum(), ctx).sqrt()
+    else:
+        norm = torch.linalg.vector_norm(norms)
     if max_norm is not None:  # scaled on device: no host sync
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp_(max=1.0))
     return norm
@@ -444,6 +490,23 @@ def _restore(
     into (``CheckpointError`` naming the first that does not fit)."""
     if not 0 <= checkpoint.step <= cfg.steps:
         raise CheckpointError(f"{path} is at step {checkpoint.step}, outside [0, {cfg.steps}]")
+    if isinstance(state.ema, fsdp.ShardedEMA):
+        fsdp.load_sharded(path, state.wrapped, state.optimizer, state.ema)
+        objective = state.objective  # a module objective's tensors were in the shards
+        if not isinstance(objective, nn.Module) and hasattr(objective, "load_state_dict"):
+            objective.load_state_dict(checkpoint.objective)
+    else:
+        _restore_full(checkpoint, state, path)
+    state.step = checkpoint.step
+    window = checkpoint.log_window
+    state.logged_step = int(window.get("logged_step", checkpoint.step))
+    if ctx.is_main:  # the window's sum is all-reduced over the processes
+        state.loss_sum.fill_(float(window.get("loss_sum", 0.0)))
+
+
+def _restore_full(checkpoint: Checkpoint, state: _State, path: Path) -> None:
+    """Load a checkpoint's full state dicts into the model, EMA, optimizer and objective."""
+    assert isinstance(state.ema, EMA)
     check_state(path, "model", checkpoint.model, state.model.state_dict())
     check_state(path, "ema", checkpoint.ema, state.ema.state_dict())
     check_optimizer_state(path, checkpoint.optimizer, state.optimizer, checkpoint.step)
@@ -456,8 +519,3 @@ def _restore(
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         reason = " ".join(str(error).split())
         raise CheckpointError(f"{path} does not fit this model or objective: {reason}") from None
-    state.step = checkpoint.step
-    window = checkpoint.log_window
-    state.logged_step = int(window.get("logged_step", checkpoint.step))
-    if ctx.is_main:  # the window's sum is all-reduced over the processes
-        state.loss_sum.fill_(float(window.get("loss_sum", 0.0)))
