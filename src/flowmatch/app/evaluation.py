@@ -27,7 +27,10 @@ from flowmatch.metrics import (
     energy_distance,
     image_metrics,
     load_feature_extractor,
+    load_feature_file,
     load_inception,
+    median_bandwidth,
+    mmd_rbf,
     wasserstein2,
 )
 from flowmatch.metrics.features import LeNet
@@ -112,10 +115,18 @@ def generate(
         )
 
 
+W2_MAX_ROWS = 5000  # exact W2 is an O(n^3) assignment: above this many rows it is left out
+
+
 @dataclass
 class SampleQuality:
-    """Distances between ``n`` model samples and ``n`` fresh target samples, and the same
-    distances between two independent target samples (the noise level at that size)."""
+    """Distances between ``n`` model samples and ``n`` reference samples, and the same distances
+    from a second independent sample to the reference (the noise level at that size).
+
+    ``reference`` says what was compared with: fresh target samples (2-D toys), or an array
+    run's held-out rows, with ``n`` of its training rows as the second sample. ``w2`` is
+    ``None`` above ``W2_MAX_ROWS``; the MMD bandwidth is the median heuristic on the reference.
+    """
 
     method: str
     steps: int | None
@@ -123,27 +134,71 @@ class SampleQuality:
     n: int
     energy: float
     energy_noise: float
-    w2: float
-    w2_noise: float
+    w2: float | None
+    w2_noise: float | None
+    mmd: float
+    mmd_noise: float
+    reference: str = "target"
+
+
+def _sample_distances(samples: Tensor, reference: Tensor, other: Tensor) -> dict[str, Any]:
+    """Energy, W2 (up to ``W2_MAX_ROWS`` rows) and MMD of ``samples`` and of ``other`` (the
+    noise level) against ``reference``; items of any shape are compared flattened."""
+    bandwidth = median_bandwidth(reference)
+    distances: dict[str, Any] = {
+        "energy": float(energy_distance(samples, reference)),
+        "energy_noise": float(energy_distance(other, reference)),
+        "w2": None,
+        "w2_noise": None,
+        "mmd": float(mmd_rbf(samples, reference, bandwidth)),
+        "mmd_noise": float(mmd_rbf(other, reference, bandwidth)),
+    }
+    if reference.shape[0] <= W2_MAX_ROWS:
+        distances["w2"] = float(wasserstein2(samples, reference))
+        distances["w2_noise"] = float(wasserstein2(other, reference))
+    return distances
 
 
 def sample_quality(
     run: Run, target: Any, method: str, steps: int | None, n: int, seed: int = 0
 ) -> SampleQuality:
-    """Energy distance and exact W2 of the run's samples against ``target.sample``."""
+    """Energy distance, exact W2 and MMD of the run's samples against ``target.sample``."""
     result = generate(run, n, method=method, steps=steps, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     reference, other = target.sample(n, generator), target.sample(n, generator)
-    samples = result.x.float()
     return SampleQuality(
         method=method,
         steps=steps if method != "dopri5" else None,
         nfe=result.nfe,
         n=n,
-        energy=float(energy_distance(samples, reference)),
-        energy_noise=float(energy_distance(other, reference)),
-        w2=float(wasserstein2(samples, reference)),
-        w2_noise=float(wasserstein2(other, reference)),
+        **_sample_distances(result.x.float(), reference, other),
+    )
+
+
+def held_out_quality(
+    run: Run,
+    train: Tensor,
+    held_out: Tensor,
+    method: str,
+    steps: int | None,
+    n: int,
+    seed: int = 0,
+) -> SampleQuality:
+    """The distances of ``sample_quality`` against an array run's held-out rows: ``min(n, rows)``
+    model samples and as many distinct training rows (the noise level: how far the training data
+    itself lies from the held-out rows)."""
+    n = min(n, held_out.shape[0], train.shape[0])
+    result = generate(run, n, method=method, steps=steps, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    reference = held_out[torch.randperm(held_out.shape[0], generator=generator)[:n]]
+    other = train[torch.randperm(train.shape[0], generator=generator)[:n]]
+    return SampleQuality(
+        method=method,
+        steps=steps if method != "dopri5" else None,
+        nfe=result.nfe,
+        n=n,
+        reference=f"{n} held-out rows (data.val_fraction={run.config.data.val_fraction})",
+        **_sample_distances(result.x.float(), reference.float(), other.float()),
     )
 
 
@@ -200,6 +255,25 @@ class ImageQuality:
     recall: float
 
 
+def feature_extractor_of(
+    run: Run, inception_weights: str | None, features: str | None
+) -> LeNet | InceptionV3:
+    """The extractor an image run is measured in: ``features`` (a LeNet file), Inception-v3
+    from ``inception_weights``, else the classifier shipped for the run's dataset."""
+    name = run.config.data.name
+    if features is not None:
+        return load_feature_file(features)
+    if inception_weights is not None:
+        return load_inception(inception_weights)
+    if name in FEATURE_EXTRACTORS:
+        return load_feature_extractor(name)
+    raise ValueError(
+        f"no feature classifier ships for {name!r} (they cover {', '.join(FEATURE_EXTRACTORS)}); "
+        "pass --features FILE (scripts/train_feature_classifier.py folder trains one on your "
+        "labels) or --inception-weights FILE"
+    )
+
+
 def image_quality(
     run: Run,
     reference: Tensor,
@@ -209,20 +283,14 @@ def image_quality(
     seed: int = 0,
     guidance: float | None = None,
     inception_weights: str | None = None,
+    features: str | None = None,
 ) -> ImageQuality:
     """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
-    features of the dataset's shipped classifier or, given the local weights file of
-    pytorch-fid (checked by its hash), of Inception-v3."""
-    name = run.config.data.name
-    if inception_weights is not None:
-        extractor: LeNet | InceptionV3 = load_inception(inception_weights)
-    elif name in FEATURE_EXTRACTORS:
-        extractor = load_feature_extractor(name)
-    else:
-        raise ValueError(
-            f"no feature classifier ships for {name!r} (they cover "
-            f"{', '.join(FEATURE_EXTRACTORS)}); pass --inception-weights FILE"
-        )
+    features of the user's LeNet file ``features`` (trained on their labels by
+    ``scripts/train_feature_classifier.py``), of Inception-v3 given the local weights file of
+    pytorch-fid (checked by its hash), or of the dataset's shipped classifier."""
+    extractor = feature_extractor_of(run, inception_weights, features)
+    n = min(n, reference.shape[0])  # a small test split: as many samples as test images
     reference = to_model_space(reference[:n], run.spec.levels or 256)
     result = generate(run, n, method=method, steps=steps, seed=seed, guidance=guidance)
     generator = torch.Generator().manual_seed(seed + 3)
@@ -317,26 +385,35 @@ def evaluate_run(
     guidance: float | None = None,
     inception_weights: str | None = None,
     nll: bool = True,
+    features: str | None = None,
 ) -> dict[str, Any]:
     """The report of ``flowmatch eval``: quality at each step count and the likelihood.
 
-    2-D toy runs: energy distance and W2 against fresh target samples and the NLL beside the
-    exact value; image runs: Frechet distance, KID and precision/recall in shipped classifier
-    (or Inception-v3) features against the test split, and bits/dim.
+    2-D toy runs: energy distance, W2 and MMD against fresh target samples and the NLL beside
+    the exact value; array runs (any item shape): the same distances against their held-out
+    rows; image runs: Frechet distance, KID and precision/recall against the test split (a
+    folder's ``data.test_fraction``) in the features of a shipped classifier, the user's LeNet
+    file ``features`` or Inception-v3, and bits/dim.
     """
     method = method or default_method(run)
     n = run.config.eval.samples if n is None else n
     requested: list[int | None] = [*steps] if steps else [None]
     for count in requested:
         check_sampling(run, method, count, n, guidance)
-    if inception_weights is not None and len(run.spec.shape) != 3:
+    image = len(run.spec.shape) == 3 and run.spec.levels is not None
+    if inception_weights is not None and not image:
         raise ConfigError("--inception-weights applies to image runs")
+    if features is not None and not image:
+        raise ConfigError("--features applies to image runs")
+    if features is not None and inception_weights is not None:
+        raise ConfigError("--features and --inception-weights are alternatives: pass one")
     counts: list[int | None] = [None]  # dopri5 picks its own steps
     if method != "dopri5":
         counts = [*steps] if steps else [run.config.eval.steps or 16]
     report: dict[str, Any] = {"run": str(run.run_dir), "step": run.step, "method": method}
-    if len(run.spec.shape) == 3:
-        report.update(_image_report(run, method, counts, n, seed, guidance, inception_weights, nll))
+    if image:
+        extractor = (inception_weights, features)
+        report.update(_image_report(run, method, counts, n, seed, guidance, extractor, nll))
     else:
         if guidance is not None:
             raise ConfigError("--guidance applies to class-conditional image runs")
@@ -346,22 +423,26 @@ def evaluate_run(
 
 def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: bool) -> dict:
     data = build_data(run.config)
-    if data.target is None:
+    target = data.target if data.target is not None else data.validation
+    if target is None:
         raise ConfigError(
-            f"flowmatch eval measures 2-D toy runs and image runs; {run.config.data.name!r} "
-            "has no target to compare with"
+            f"the {run.config.data.name!r} run holds no rows out (data.val_fraction=0): "
+            "retrain with data.val_fraction above 0 to evaluate it"
         )
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
-        return asdict(sample_quality(of, data.target, how, steps, n, seed))
+        if data.target is not None:
+            return asdict(sample_quality(of, data.target, how, steps, n, seed))
+        train, held_out = data.train.data, data.validation.data
+        return asdict(held_out_quality(of, train, held_out, how, steps, n, seed))
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
     if nll:
         n_nll = run.config.eval.nll_samples
-        report["likelihood"] = asdict(likelihood(run, data.target, n_nll, seed))
+        report["likelihood"] = asdict(likelihood(run, target, n_nll, seed))
         if run.is_flow_map and run.config.objective.both_orders:
             report["flow_map_likelihood"] = [
-                {"jumps": k, **asdict(likelihood(run, data.target, n_nll, seed, jumps=k))}
+                {"jumps": k, **asdict(likelihood(run, target, n_nll, seed, jumps=k))}
                 for k in (1, 4)
             ]
     return report
@@ -374,14 +455,14 @@ def _image_report(
     n: int,
     seed: int,
     guidance: float | None,
-    inception_weights: str | None,
+    extractor: tuple[str | None, str | None],
     nll: bool,
 ) -> dict:
     cfg = run.config.data
-    test = load_image_set(cfg.name, cfg.path, "test")
+    test = load_image_set(cfg.name, cfg.path, "test", cfg.test_fraction)
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
-        quality = image_quality(of, test.images, how, steps, n, seed, guidance, inception_weights)
+        quality = image_quality(of, test.images, how, steps, n, seed, guidance, *extractor)
         return asdict(quality)
 
     report: dict = {"metric": "frechet_distance", **_quality_rows(run, method, counts, measure)}

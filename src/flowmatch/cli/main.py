@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="images: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (checked by its hash) "
         "for Inception-v3 features instead of the shipped classifier",
     )
+    evaluate.add_argument(
+        "--features",
+        metavar="FILE",
+        help="images: a LeNet feature classifier (.safetensors with its .json beside it) written "
+        "by scripts/train_feature_classifier.py, e.g. trained on a folder's labels",
+    )
     evaluate.add_argument("--no-nll", action="store_true", help="skip the likelihood")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -216,6 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         inception_weights=args.inception_weights,
         nll=not args.no_nll,
+        features=args.features,
     )
     write_report(run, report, args.steps)
     if args.json:

@@ -367,14 +367,45 @@ def load_image_folder(directory: str | Path) -> ImageData:
     )
 
 
+def split_images(data: ImageData, split: str, test_fraction: float, seed: int = 0) -> ImageData:
+    """The ``split`` ("train" or "test") of ``data`` under a seeded permutation of its items: the
+    first ``round(test_fraction * N)`` (at least 1 if the fraction is positive) are the test split.
+
+    For a folder the items are its files sorted by path, so the same folder, fraction and seed
+    give the same split; at fraction 0 every item trains (and asking for the test split is a
+    ``ValueError``).
+    """
+    _check_split(split)
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    n = data.images.shape[0]
+    n_test = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
+    if n_test == 0:
+        if split == "test":
+            raise ValueError("the folder has no test split: set data.test_fraction above 0")
+        return data  # everything trains, in file order
+    if n - n_test < 1:
+        raise ValueError(f"too few images ({n}) for a test fraction of {test_fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    index = order[:n_test] if split == "test" else order[n_test:]
+    labels = None if data.labels is None else data.labels[index]
+    return ImageData(images=data.images[index], labels=labels, levels=data.levels)
+
+
 IMAGE_SETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 
 
 def load_image_set(
-    name: str, directory: str | Path | None = None, split: str = "train"
+    name: str,
+    directory: str | Path | None = None,
+    split: str = "train",
+    test_fraction: float = 0.0,
 ) -> ImageData:
-    """One of ``IMAGE_SETS`` by name; ``directory`` holds its files (unused for "digits", and
-    "folder" has no split)."""
+    """One of ``IMAGE_SETS`` by name; ``directory`` holds its files (unused for "digits").
+
+    A "folder" has no split of its own: ``split_images`` with ``test_fraction`` (seed 0) makes
+    one; the others have their fixed train and test splits.
+    """
     if name == "digits":
         return load_digits(split)
     if name not in IMAGE_SETS:
@@ -382,6 +413,6 @@ def load_image_set(
     if directory is None:
         raise ValueError(f"the {name} image set needs the directory that holds its files")
     if name == "folder":
-        return load_image_folder(directory)
+        return split_images(load_image_folder(directory), split, test_fraction)
     loader = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
     return loader[name](directory, split)

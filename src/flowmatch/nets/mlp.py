@@ -92,3 +92,18 @@ class MLP(nn.Module):
                 raise ValueError(f"class-conditional model: pass y (null label {self.null_label})")
             h = h + self.label_embed(y)
         return self.layers(h)
+
+
+class FlatItems(nn.Module):
+    """A vector network applied to items of any shape: ``x: [B, *shape]`` is flattened to
+    ``[B, prod(shape)]`` for ``net`` and its output reshaped back (an MLP over the flattened
+    dimensions, e.g. for arrays ``[N, 4, 5]``); times and keyword inputs pass through."""
+
+    def __init__(self, net: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor, *times: Tensor, **model_kwargs: Tensor) -> Tensor:
+        out = self.net(x.flatten(1), *times, **model_kwargs)
+        return out.reshape(x.shape[0], *self.shape)
