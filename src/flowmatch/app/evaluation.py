@@ -6,6 +6,7 @@ Everything draws from an explicit seed, so an evaluation is reproducible.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowmatch import plotting
 from flowmatch.app.build import build_data
 from flowmatch.app.run_folder import RunFolder
 from flowmatch.app.runs import Run, load_run
-from flowmatch.data import ImageDataset, load_image_set, to_model_space
+from flowmatch.data import ImageDataset, load_image_set, to_model_space, to_pixels
+from flowmatch.extras import require
 from flowmatch.flow_map_likelihood import flow_map_log_likelihood
 from flowmatch.metrics import (
     FEATURE_EXTRACTORS,
@@ -37,6 +38,7 @@ from flowmatch.metrics.features import LeNet
 from flowmatch.solvers import IntegrationResult, bits_per_dim, integrate, log_likelihood
 from flowmatch.training.config import ConfigError
 from flowmatch.training.files import check_inside
+from flowmatch.training.run import RunDir
 from flowmatch.types import TwoTimeField, VelocityField
 
 
@@ -433,7 +435,7 @@ def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: 
     def measure(of: Run, how: str, steps: int | None) -> dict:
         if data.target is not None:
             return asdict(sample_quality(of, data.target, how, steps, n, seed))
-        train, held_out = data.train.data, data.validation.data
+        train, held_out = data.train.data, target.data
         return asdict(held_out_quality(of, train, held_out, how, steps, n, seed))
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
@@ -479,6 +481,7 @@ def write_report(run: Run, report: dict[str, Any], steps: list[int] | None) -> P
     folder.write_json(path, report)
     rows, metric = report["quality"], report["metric"]
     if len(rows) > 1:
+        plotting = require("flowmatch.plotting", "plot")
         curves = {report["method"]: {r["steps"]: r[metric] for r in rows}}
         if "teacher_euler" in report:
             curves["teacher euler"] = {r["steps"]: r[metric] for r in report["teacher_euler"]}
@@ -492,27 +495,65 @@ def write_report(run: Run, report: dict[str, Any], steps: list[int] | None) -> P
     return path
 
 
-def write_samples(run: Run, result: IntegrationResult, out: Path | None) -> list[Path]:
+def pixels_in_0_255(x: Tensor, levels: int) -> Tensor:
+    """Model-space images ``[N, C, H, W]`` as uint8 in ``[0, 255]``: ``to_pixels`` gives each
+    pixel's cell ``0..levels-1``, stretched to 255 for fewer levels (17-level digits)."""
+    cells = to_pixels(x, levels).to(torch.int32)
+    return (cells * 255 // (levels - 1)).to(torch.uint8)
+
+
+def write_pngs(pixels: Tensor, folder: Path) -> list[Path]:
+    """One PNG per image ``pixels: uint8 [N, C, H, W]`` (C = 1 or 3) in ``folder``, named
+    ``00000.png``, ``00001.png``, ...; needs pillow (``pip install flowmatch[images]``)."""
+    image_module = require("PIL.Image", "images")
+    out = RunDir(folder)
+    paths = []
+    for index, item in enumerate(pixels.numpy()):
+        array = item[0] if item.shape[0] == 1 else item.transpose(1, 2, 0)
+        buffer = io.BytesIO()
+        image_module.fromarray(array).save(buffer, format="png")
+        path = out.root / f"{index:05d}.png"
+        out.write(path, buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def write_samples(
+    run: Run, result: IntegrationResult, out: Path | None, png_dir: Path | None = None
+) -> list[Path]:
     """``result`` as ``.npz`` at ``out`` (default: the run folder's ``samples.npz``; the name is
-    kept as given) and a picture beside it: a scatter (and the trajectories) for 2-D runs, an
-    image grid (one column per class for conditional runs) for images. Returns the paths."""
+    kept as given) and a picture beside it: a scatter (and the trajectories) for 2-D runs, a PNG
+    image grid (one column per class for conditional runs) for images. Image samples are
+    clamped to the data range ``[-1, 1]`` and also stored as ``pixels`` (uint8 in ``[0, 255]``),
+    with one PNG per sample in ``png_dir`` when given; arrays are stored as generated (a user's
+    array has no fixed range). Returns the paths (``png_dir`` itself for its files)."""
     folder = RunFolder(run.run_dir)
     out = out or folder.samples
-    arrays = {"samples": result.x.numpy(), "time_grid": result.time_grid.numpy()}
+    image = len(run.spec.shape) == 3 and run.spec.levels is not None
+    x = result.x.clamp(-1.0, 1.0) if image else result.x
+    arrays = {"samples": x.numpy(), "time_grid": result.time_grid.numpy()}
+    if image:
+        assert run.spec.levels is not None
+        arrays["pixels"] = pixels_in_0_255(x, run.spec.levels).numpy()
     if result.trajectory is not None:
         arrays["trajectory"] = result.trajectory.numpy()
     RunFolder(out.parent).write_npz(out, arrays)
     picture = out.with_name(out.stem + ".png")
     written = [out]
+    if run.spec.shape == (2,) or image:
+        plotting = require("flowmatch.plotting", "plot")
     if run.spec.shape == (2,):
         title = f"{run.run_dir.name} ({result.nfe} NFE)"
         written.append(plotting.plot_samples_2d(result.x, picture, title=title))
         if result.trajectory is not None:
             trajectories = out.with_name(RunFolder.TRAJECTORIES_PLOT)
             written.append(plotting.plot_trajectories_2d(result.trajectory, trajectories))
-    elif len(run.spec.shape) == 3:  # conditional runs: one column per class
+    elif image:  # conditional runs: one column per class
         nrow = run.spec.num_classes or 8
         scale = max(1, 64 // run.spec.shape[-1])  # 8x8 digits: 8x, 28x28: 2x
-        images = result.x[: nrow * 8]
+        images = x[: nrow * 8]
         written.append(plotting.save_image_grid(images, picture, nrow=nrow, scale=scale))
+        if png_dir is not None:
+            write_pngs(torch.from_numpy(arrays["pixels"]), png_dir)
+            written.append(png_dir)
     return written

@@ -19,6 +19,7 @@ import torch
 from flowmatch.app.config import SOLVERS, RunConfig
 from flowmatch.app.objectives import DISTILLATIONS, OBJECTIVES
 from flowmatch.app.presets import PRESETS
+from flowmatch.extras import MissingExtra
 from flowmatch.training.checkpoint import CheckpointError
 from flowmatch.training.config import ConfigError
 from flowmatch.training.files import RunFileError
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     sample.add_argument("--trajectories", action="store_true", help="also draw the paths (2-D)")
+    sample.add_argument(
+        "--png-dir",
+        type=Path,
+        metavar="DIR",
+        help="images: also one PNG per sample (pixels in [0, 255]) in DIR",
+    )
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
 
     evaluate = commands.add_parser("eval", help="measure a trained run")
@@ -194,6 +201,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     run = load_run(args.run_dir)
     method = args.solver or default_method(run)
     check_sampling(run, method, args.steps, args.n, args.guidance)
+    if args.png_dir is not None and run.spec.levels is None:
+        raise UsageError("--png-dir applies to image runs")
     result = generate(
         run,
         args.n,
@@ -203,8 +212,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         return_trajectory=args.trajectories,
     )
-    written = write_samples(run, result, args.out)
-    print(f"wrote {' and '.join(map(str, written))} ({args.n} samples, {result.nfe} NFE)")
+    written = write_samples(run, result, args.out, args.png_dir)
+    note = "; clamped to the data range [-1, 1], pixels in [0, 255]" if run.spec.levels else ""
+    print(f"wrote {' and '.join(map(str, written))} ({args.n} samples, {result.nfe} NFE{note})")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -289,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PermissionError,
         IsADirectoryError,
         ValueError,
+        MissingExtra,
     ) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"flowmatch {args.command}: error: {message}", file=sys.stderr)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.data.fetch import IDX_SHA256
+from flowmatch.extras import require
 
 IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
@@ -132,14 +133,7 @@ def load_digits(split: str = "train") -> ImageData:
     Fixed split in the file's order: the first 1500 images train, the last 297 test.
     """
     _check_split(split)
-    try:
-        # scikit-learn ships no type information (no py.typed marker).
-        from sklearn.datasets import load_digits as sklearn_load_digits
-    except ImportError as error:
-        raise ImportError(
-            "the digits set ships with scikit-learn: pip install scikit-learn"
-        ) from error
-    bunch = sklearn_load_digits()
+    bunch = require("sklearn.datasets", "digits").load_digits()  # ships with scikit-learn
     images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     part = slice(None, DIGITS_TRAIN_SIZE) if split == "train" else slice(DIGITS_TRAIN_SIZE, None)
@@ -317,14 +311,14 @@ def load_cifar10(directory: str | Path, split: str = "train") -> ImageData:
 
 def _read_image(path: Path) -> np.ndarray:
     """One 8-bit image as ``[C, H, W]``: grayscale modes give C = 1, colour modes C = 3."""
-    from PIL import Image, UnidentifiedImageError
+    pil = require("PIL.Image", "images")
 
     try:
-        with Image.open(path) as image:
+        with pil.open(path) as image:
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raise ValueError(f"{path}: mode {image.mode} is not 8-bit")
             array = np.asarray(image.convert("L" if image.mode in ("1", "L", "LA") else "RGB"))
-    except (OSError, UnidentifiedImageError) as error:
+    except OSError as error:  # PIL's UnidentifiedImageError is one
         raise ValueError(f"{path}: cannot read as an image ({error})") from error
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
