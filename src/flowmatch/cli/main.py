@@ -62,6 +62,22 @@ def _config_keys_help() -> str:
     return "\n".join(lines)
 
 
+OWN_DATA_HELP = """
+
+your own data:
+  an array [N, *dims] (.npy/.pt; an MLP, items of several axes flattened), data.val_fraction
+  of its rows held out for the validation loss and for eval (energy, W2, MMD):
+    flowmatch train --preset gmm data.name=array data.path=points.npy --out runs/points
+    flowmatch eval runs/points --solver rk4 --steps 8
+  a folder of PNG/JPEG files of one size (one sub-folder per class for labels; a U-Net),
+  data.test_fraction of its files held out for eval (FD/KID in --features or Inception):
+    flowmatch train --preset digits data.name=folder data.path=pngs --out runs/pngs \\
+        model.attention_resolutions=8
+    python scripts/train_feature_classifier.py folder --data-dir pngs --label pngs --out feat
+    flowmatch eval runs/pngs --features feat/lenet-pngs.safetensors --no-nll
+    flowmatch sample runs/pngs --n 64 --png-dir runs/pngs/pngs"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="flowmatch",
@@ -77,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model from a preset with key=value overrides",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys as section.key=value, with their defaults (a section name alone sets "
-        "its name, e.g. objective=lsd):\n" + _config_keys_help(),
+        "its name, e.g. objective=lsd):\n" + _config_keys_help() + OWN_DATA_HELP,
     )
     train.add_argument("--preset", help="a preset name (see `flowmatch presets`)")
     train.add_argument(
