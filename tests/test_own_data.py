@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flowmatch.app.evaluation import SamplingProgress
 from flowmatch.app.runs import load_run
 from flowmatch.cli.main import main
 from flowmatch.data import load_image_set, split_images
@@ -130,3 +131,20 @@ def test_array_without_held_out_rows_is_refused_in_one_line(tmp_path, capsys):
 def test_a_missing_extra_is_named():
     with pytest.raises(MissingExtra, match=r'pip install "flowmatch\[plot\]"'):
         require("flowmatch_no_such_module", "plot")
+
+
+def test_sampling_progress_reports_each_tenth_of_time_with_an_eta(capsys):
+    progress = SamplingProgress("sampling 4 (euler)", quiet_for=0.0)
+    field = progress.wrap(lambda x, t: torch.zeros_like(x))
+    x = torch.zeros(4, 2)
+    for k in range(20):  # 20 Euler steps from t = 0
+        field(x, torch.full((4,), k / 20))
+    progress.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": ")[1].split("%")[0] for line in lines] == [
+        str(10 * k) for k in range(1, 10)
+    ]
+    assert lines[0].startswith("sampling 4 (euler): 10% of t, 3 NFE") and "eta" in lines[0]
+    quiet = SamplingProgress("sampling", quiet_for=60.0)
+    quiet.wrap(lambda x, t: x)(x, torch.full((4,), 0.5))
+    assert capsys.readouterr().err == ""

@@ -6,14 +6,18 @@ Everything draws from an explicit seed, so an evaluation is reproducible.
 
 from __future__ import annotations
 
+import datetime
 import io
 import math
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import tqdm
 from torch import Tensor
 
 from flowmatch.app.build import build_data
@@ -73,6 +77,49 @@ def check_sampling(
             )
 
 
+class SamplingProgress:
+    """Progress of one integration from ``t = 0`` to 1, read from the times the solver asks the
+    field for (so it needs no hook in the solver, and fits adaptive steps): a tqdm bar in percent
+    of the time range on a terminal, else a plain line on stderr at every tenth once
+    ``quiet_for`` seconds have passed (short runs stay quiet), each with the NFE so far and an
+    ETA. ``wrap(field)`` returns the field that reports."""
+
+    def __init__(self, label: str, quiet_for: float = 5.0) -> None:
+        self.label, self.nfe, self.shown, self.quiet_for = label, 0, 0, quiet_for
+        self.start = time.perf_counter()
+        self.bar: tqdm.tqdm | None = None
+        if sys.stderr.isatty():
+            self.bar = tqdm.tqdm(total=100, desc=label, unit="%", dynamic_ncols=True)
+
+    def wrap(self, field: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def reporting(x: Tensor, *times: Tensor, **model_kwargs: Tensor) -> Tensor:
+            self.update(float(torch.as_tensor(times[-1]).max()))
+            return field(x, *times, **model_kwargs)
+
+        return reporting
+
+    def update(self, t: float) -> None:
+        self.nfe += 1
+        done = min(100, int(100 * t + 1e-4))  # t arrives in float32
+        if self.bar is not None:
+            self.bar.update(max(0, done - self.bar.n))
+            self.bar.set_postfix(nfe=self.nfe, refresh=False)
+            return
+        elapsed = time.perf_counter() - self.start
+        if done >= self.shown + 10 and elapsed >= self.quiet_for:
+            self.shown = done - done % 10
+            eta = datetime.timedelta(seconds=round(elapsed * (100 - done) / done))
+            print(
+                f"{self.label}: {done}% of t, {self.nfe} NFE, {elapsed:.0f} s, eta {eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def generate(
     run: Run,
     n: int,
@@ -83,12 +130,14 @@ def generate(
     guidance: float | None = None,
     labels: Tensor | None = None,
     return_trajectory: bool = False,
+    progress: bool = False,
 ) -> IntegrationResult:
     """``n`` samples of the run from source draws of ``seed``.
 
     ``method="flow_map"`` jumps with the learned map (``steps`` jumps, default 1); the ODE
     methods integrate the velocity (a flow map's diagonal). Conditional runs take ``labels [n]``
-    (default: classes in turn) and an optional ``guidance`` scale.
+    (default: classes in turn) and an optional ``guidance`` scale. ``progress`` reports on
+    stderr with an ETA (``SamplingProgress``).
     """
     method = method or default_method(run)
     generator = torch.Generator().manual_seed(seed)
@@ -106,15 +155,20 @@ def generate(
         field = run.velocity(guidance)
     if method != "dopri5" and steps is None:
         steps = run.config.eval.steps or 16
-    with torch.inference_mode():
-        return integrate(
-            field,
-            x0,
-            method,
-            steps=None if method == "dopri5" else steps,
-            model_kwargs=model_kwargs,
-            return_trajectory=return_trajectory,
-        )
+    reporter = SamplingProgress(f"sampling {n} ({method})") if progress else None
+    try:
+        with torch.inference_mode():
+            return integrate(
+                field if reporter is None else reporter.wrap(field),
+                x0,
+                method,
+                steps=None if method == "dopri5" else steps,
+                model_kwargs=model_kwargs,
+                return_trajectory=return_trajectory,
+            )
+    finally:
+        if reporter is not None:
+            reporter.close()
 
 
 W2_MAX_ROWS = 5000  # exact W2 is an O(n^3) assignment: above this many rows it is left out
@@ -162,10 +216,16 @@ def _sample_distances(samples: Tensor, reference: Tensor, other: Tensor) -> dict
 
 
 def sample_quality(
-    run: Run, target: Any, method: str, steps: int | None, n: int, seed: int = 0
+    run: Run,
+    target: Any,
+    method: str,
+    steps: int | None,
+    n: int,
+    seed: int = 0,
+    progress: bool = False,
 ) -> SampleQuality:
     """Energy distance, exact W2 and MMD of the run's samples against ``target.sample``."""
-    result = generate(run, n, method=method, steps=steps, seed=seed)
+    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress)
     generator = torch.Generator().manual_seed(seed + 1)
     reference, other = target.sample(n, generator), target.sample(n, generator)
     return SampleQuality(
@@ -185,12 +245,13 @@ def held_out_quality(
     steps: int | None,
     n: int,
     seed: int = 0,
+    progress: bool = False,
 ) -> SampleQuality:
     """The distances of ``sample_quality`` against an array run's held-out rows: ``min(n, rows)``
     model samples and as many distinct training rows (the noise level: how far the training data
     itself lies from the held-out rows)."""
     n = min(n, held_out.shape[0], train.shape[0])
-    result = generate(run, n, method=method, steps=steps, seed=seed)
+    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress)
     generator = torch.Generator().manual_seed(seed + 1)
     reference = held_out[torch.randperm(held_out.shape[0], generator=generator)[:n]]
     other = train[torch.randperm(train.shape[0], generator=generator)[:n]]
@@ -286,6 +347,7 @@ def image_quality(
     guidance: float | None = None,
     inception_weights: str | None = None,
     features: str | None = None,
+    progress: bool = False,
 ) -> ImageQuality:
     """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
     features of the user's LeNet file ``features`` (trained on their labels by
@@ -294,7 +356,9 @@ def image_quality(
     extractor = feature_extractor_of(run, inception_weights, features)
     n = min(n, reference.shape[0])  # a small test split: as many samples as test images
     reference = to_model_space(reference[:n], run.spec.levels or 256)
-    result = generate(run, n, method=method, steps=steps, seed=seed, guidance=guidance)
+    result = generate(
+        run, n, method=method, steps=steps, seed=seed, guidance=guidance, progress=progress
+    )
     generator = torch.Generator().manual_seed(seed + 3)
     metrics = image_metrics(
         result.x, reference, extractor, kid_subset_size=min(1000, n // 2), generator=generator
@@ -388,6 +452,7 @@ def evaluate_run(
     inception_weights: str | None = None,
     nll: bool = True,
     features: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The report of ``flowmatch eval``: quality at each step count and the likelihood.
 
@@ -395,7 +460,8 @@ def evaluate_run(
     the exact value; array runs (any item shape): the same distances against their held-out
     rows; image runs: Frechet distance, KID and precision/recall against the test split (a
     folder's ``data.test_fraction``) in the features of a shipped classifier, the user's LeNet
-    file ``features`` or Inception-v3, and bits/dim.
+    file ``features`` or Inception-v3, and bits/dim. ``progress``: each sampling reports on
+    stderr with an ETA, and each likelihood says when it starts.
     """
     method = method or default_method(run)
     n = run.config.eval.samples if n is None else n
@@ -415,15 +481,24 @@ def evaluate_run(
     report: dict[str, Any] = {"run": str(run.run_dir), "step": run.step, "method": method}
     if image:
         extractor = (inception_weights, features)
-        report.update(_image_report(run, method, counts, n, seed, guidance, extractor, nll))
+        report.update(
+            _image_report(run, method, counts, n, seed, guidance, extractor, nll, progress)
+        )
     else:
         if guidance is not None:
             raise ConfigError("--guidance applies to class-conditional image runs")
-        report.update(_vector_report(run, method, counts, n, seed, nll))
+        report.update(_vector_report(run, method, counts, n, seed, nll, progress))
     return report
 
 
-def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: bool) -> dict:
+def _announce(progress: bool, what: str) -> None:
+    if progress:
+        print(f"{what} ...", file=sys.stderr, flush=True)
+
+
+def _vector_report(
+    run: Run, method: str, counts: list, n: int, seed: int, nll: bool, progress: bool
+) -> dict:
     data = build_data(run.config)
     target = data.target if data.target is not None else data.validation
     if target is None:
@@ -434,13 +509,14 @@ def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: 
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
         if data.target is not None:
-            return asdict(sample_quality(of, data.target, how, steps, n, seed))
+            return asdict(sample_quality(of, data.target, how, steps, n, seed, progress))
         train, held_out = data.train.data, target.data
-        return asdict(held_out_quality(of, train, held_out, how, steps, n, seed))
+        return asdict(held_out_quality(of, train, held_out, how, steps, n, seed, progress))
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
     if nll:
         n_nll = run.config.eval.nll_samples
+        _announce(progress, f"likelihood of {n_nll} samples (dopri5, exact divergence)")
         report["likelihood"] = asdict(likelihood(run, target, n_nll, seed))
         if run.is_flow_map and run.config.objective.both_orders:
             report["flow_map_likelihood"] = [
@@ -459,16 +535,20 @@ def _image_report(
     guidance: float | None,
     extractor: tuple[str | None, str | None],
     nll: bool,
+    progress: bool,
 ) -> dict:
     cfg = run.config.data
     test = load_image_set(cfg.name, cfg.path, "test", cfg.test_fraction)
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
-        quality = image_quality(of, test.images, how, steps, n, seed, guidance, *extractor)
+        quality = image_quality(
+            of, test.images, how, steps, n, seed, guidance, *extractor, progress=progress
+        )
         return asdict(quality)
 
     report: dict = {"metric": "frechet_distance", **_quality_rows(run, method, counts, measure)}
     if nll:
+        _announce(progress, f"bits/dim of {run.config.eval.nll_samples} test images (dopri5)")
         bpd = bits_per_dim_of_run(run, ImageDataset(test), run.config.eval.nll_samples, seed)
         report["bits_per_dim"] = asdict(bpd)
     return report

@@ -227,6 +227,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         guidance=args.guidance,
         return_trajectory=args.trajectories,
+        progress=True,
     )
     written = write_samples(run, result, args.out, args.png_dir)
     note = "; clamped to the data range [-1, 1], pixels in [0, 255]" if run.spec.levels else ""
@@ -249,6 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         inception_weights=args.inception_weights,
         nll=not args.no_nll,
         features=args.features,
+        progress=True,
     )
     write_report(run, report, args.steps)
     if args.json:
