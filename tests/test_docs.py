@@ -33,6 +33,8 @@ def in_tmp(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_python_blocks_run(path, in_tmp):
+    if "import flow_matching" in path.read_text() or "from flow_matching" in path.read_text():
+        pytest.importorskip("flow_matching")  # the dev extra installs it
     namespace: dict = {}
     for code in blocks(path, "python"):
         exec(compile(code, str(path), "exec"), namespace)
