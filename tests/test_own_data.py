@@ -1,7 +1,9 @@
 """The user's own data end to end: arrays of any item shape and folders of images, trained from
 the command line, sampled as PNGs and evaluated on held-out data; extras named when missing."""
 
+import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -148,3 +150,23 @@ def test_sampling_progress_reports_each_tenth_of_time_with_an_eta(capsys):
     quiet = SamplingProgress("sampling", quiet_for=60.0)
     quiet.wrap(lambda x, t: x)(x, torch.full((4,), 0.5))
     assert capsys.readouterr().err == ""
+
+
+def test_digits_without_scikit_learn_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if not installed
+    out = tmp_path / "digits"
+    assert main(["train", "--preset", "digits", "--out", str(out), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "flowmatch[digits]"' in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_pictures_without_matplotlib_name_the_extra_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "flowmatch.plotting", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    out = tmp_path / "r"
+    argv = ["train", "--preset", "gmm", "--out", str(out), "--max-steps", "5", *TINY_MLP]
+    assert main(argv) == 0 and not (out / "loss.png").exists()
+    with pytest.raises(MissingExtra, match=r"flowmatch\[plot\]"):
+        require("flowmatch.plotting", "plot")
