@@ -3,8 +3,12 @@
     python scripts/train_feature_classifier.py digits
     python scripts/train_feature_classifier.py mnist --data-dir /path/to/mnist
     python scripts/train_feature_classifier.py fashion-mnist --data-dir /path/to/fashion-mnist
+    python scripts/train_feature_classifier.py folder --data-dir DIR --label mine --out OUT
 
-MNIST and Fashion-MNIST come from `flowmatch data fetch NAME --dir D`. Training uses the train
+MNIST and Fashion-MNIST come from `flowmatch data fetch NAME --dir D`. A folder needs one
+sub-folder per class; it is split as its runs are (--test-fraction, data.test_fraction), and
+`flowmatch eval RUN --features OUT/lenet-LABEL.safetensors` measures a run in its features.
+Training uses the train
 split with uniform dequantisation noise as the only augmentation; test accuracy is measured on the
 test split at cell centres. Everything random derives from --seed; the run is on the CPU.
 """
@@ -29,9 +33,16 @@ from flowmatch.metrics.features import (
     save_feature_extractor,
 )
 
-DEFAULT_EPOCHS = {"digits": 30, "mnist": 5, "fashion-mnist": 6}
+DEFAULT_EPOCHS = {"digits": 30, "mnist": 5, "fashion-mnist": 6, "folder": 20}
 # two poolings for 8x8 digits (8 -> 2), three for 28x28 (28 -> 3)
 DEFAULT_CHANNELS = {"digits": (32, 64), "mnist": (16, 32, 32), "fashion-mnist": (16, 32, 32)}
+
+
+def default_channels(name: str, size: int) -> tuple[int, ...]:
+    """The shipped sets' widths; a folder pools twice up to 16x16 images, three times above."""
+    if name in DEFAULT_CHANNELS:
+        return DEFAULT_CHANNELS[name]
+    return (32, 64) if size <= 16 else (16, 32, 32)
 
 
 def accuracy(model: LeNet, data: ImageData) -> float:
@@ -45,8 +56,14 @@ def accuracy(model: LeNet, data: ImageData) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=FEATURE_EXTRACTORS)
-    parser.add_argument("--data-dir", type=Path, help="folder of the IDX files (not for digits)")
+    parser.add_argument("name", choices=[*FEATURE_EXTRACTORS, "folder"])
+    parser.add_argument(
+        "--data-dir", type=Path, help="folder of the IDX files or images (not for digits)"
+    )
+    parser.add_argument("--label", help="folder: the extractor's name (lenet-LABEL)")
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.1, help="folder: data.test_fraction of its runs"
+    )
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="default: " + str(DEFAULT_EPOCHS))
@@ -57,15 +74,20 @@ def main() -> None:
     epochs = args.epochs or DEFAULT_EPOCHS[args.name]
     torch.set_num_threads(args.threads)
 
-    train = load_image_set(args.name, args.data_dir, "train")
-    test = load_image_set(args.name, args.data_dir, "test")
+    if args.name == "folder" and args.label is None:
+        parser.error("folder needs --label NAME (the extractor is saved as lenet-NAME)")
+    train = load_image_set(args.name, args.data_dir, "train", args.test_fraction)
+    test = load_image_set(args.name, args.data_dir, "test", args.test_fraction)
+    if train.labels is None or test.labels is None:
+        parser.error(f"{args.data_dir} has no labels: put each class in its own sub-folder")
     channels, size, _ = train.images.shape[1:]
     config = LeNetConfig(
-        name=args.name,
+        name=args.label or args.name,
         levels=train.levels,
         in_channels=channels,
         image_size=size,
-        channels=DEFAULT_CHANNELS[args.name],
+        channels=default_channels(args.name, size),
+        num_classes=int(train.labels.max()) + 1,
     )
     torch.manual_seed(args.seed)  # parameter initialisation
     model = LeNet(config)

@@ -1,6 +1,7 @@
 """Couplings: exact minibatch OT against brute force, permutations, Sinkhorn close to exact."""
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -175,11 +176,25 @@ def test_block_ot_pairs_each_block_optimally_and_keeps_a_permutation():
 
 
 def test_assignment_solver_takes_over_if_the_simplex_stops_short(monkeypatch):
-    import flowmatch.couplings as couplings
+    import ot
 
     gen = torch.Generator().manual_seed(12)
     x0, x1 = torch.randn(6, 2, generator=gen), torch.randn(6, 2, generator=gen)
     expected = ot_permutation(x0, x1)
     # A plan that is not a vertex (uniform): its row argmax is not a permutation.
-    monkeypatch.setattr(couplings.ot, "emd", lambda a, b, cost, **kw: np.full(cost.shape, 1 / 36))
+    monkeypatch.setattr(ot, "emd", lambda a, b, cost, **kw: np.full(cost.shape, 1 / 36))
+    assert torch.equal(ot_permutation(x0, x1), expected)
+
+
+def test_exact_ot_without_pot_gives_the_same_pairs(monkeypatch):
+    import importlib.util
+
+    gen = torch.Generator().manual_seed(13)
+    x0, x1 = torch.randn(64, 3, generator=gen), torch.randn(64, 3, generator=gen)
+    expected = ot_permutation(x0, x1)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ot" else find_spec(name, *a)
+    )
+    monkeypatch.setitem(sys.modules, "ot", None)  # an import of POT would fail
     assert torch.equal(ot_permutation(x0, x1), expected)

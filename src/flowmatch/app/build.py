@@ -3,6 +3,7 @@ sampler of a run, and the ``DataSpec`` that records what its network was built f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from flowmatch.app.objectives import OBJECTIVES, Parts
 from flowmatch.couplings import ExactOTCoupling, IndependentCoupling, SinkhornCoupling
 from flowmatch.data import TOY_DATASETS, load_array_dataset
 from flowmatch.data.images import IMAGE_SETS, ImageDataset, load_image_set
-from flowmatch.nets import MLP, FlowMapNet, UNet, drop_labels
+from flowmatch.nets import MLP, FlatItems, FlowMapNet, UNet, drop_labels
 from flowmatch.paths import (
     SCHEDULES,
     AffinePath,
@@ -93,7 +94,8 @@ def build_data(config: RunConfig, device: torch.device | str = "cpu") -> Data:
     if cfg.name in IMAGE_SETS:
         if cfg.path is None and cfg.name != "digits":
             raise ConfigError(f"data.name={cfg.name} needs data.path=DIR (its folder of files)")
-        images = ImageDataset(load_image_set(cfg.name, cfg.path, "train"), device=device)
+        train = load_image_set(cfg.name, cfg.path, "train", cfg.test_fraction)
+        images = ImageDataset(train, device=device)
         spec = DataSpec(images.shape, levels=images.levels)
         if not cfg.conditional:
             return Data(images, None, spec)
@@ -113,25 +115,23 @@ def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
     ``x + (t - s) v(x, s, t)`` when the objective learns one."""
     cfg = config.model
     num_times = 2 if OBJECTIVES[config.objective.name].is_flow_map else 1
-    if cfg.kind == "mlp":
-        if len(spec.shape) != 1:
-            raise ConfigError(
-                f"model.kind=mlp needs vector data, got items of shape {list(spec.shape)}; "
-                "use model.kind=unet for images"
-            )
+    if cfg.kind == "mlp":  # items of several axes: an MLP over their flattened dimensions
         net: nn.Module = MLP(
-            spec.shape[0],
+            math.prod(spec.shape),
             hidden=cfg.hidden,
             depth=cfg.depth,
             activation=cfg.activation,
             num_classes=spec.num_classes,
             num_times=num_times,
         )
+        if len(spec.shape) != 1:
+            net = FlatItems(net, spec.shape)
     else:
         if len(spec.shape) != 3 or spec.shape[1] != spec.shape[2]:
             raise ConfigError(
                 f"model.kind=unet needs square images [C, H, H], got {list(spec.shape)}"
             )
+        _check_unet_levels(cfg.channel_mult, cfg.attention_resolutions, spec.shape[1])
         net = UNet(
             in_channels=spec.shape[0],
             model_channels=cfg.channels,
@@ -147,6 +147,28 @@ def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
             num_times=num_times,
         )
     return FlowMapNet(net) if num_times == 2 else net
+
+
+def _check_unet_levels(
+    channel_mult: tuple[int, ...], attention: tuple[int, ...], size: int
+) -> None:
+    """``ConfigError`` naming the key to set when the U-Net's levels do not fit ``size x size``
+    images (a preset made for another image size)."""
+    levels = len(channel_mult)
+    if size % 2 ** (levels - 1):
+        raise ConfigError(
+            f"{size}x{size} images do not halve {levels - 1} times (model.channel_mult has "
+            f"{levels} levels): set model.channel_mult with fewer levels, e.g. 1,2"
+        )
+    resolutions = [size // 2**level for level in range(levels)]
+    unknown = sorted(set(attention) - set(resolutions))
+    if unknown:
+        choices = ",".join(map(str, resolutions[1:] or resolutions))
+        raise ConfigError(
+            f"model.attention_resolutions {list(unknown)} are not among the U-Net's resolutions "
+            f"{resolutions} for {size}x{size} images: set model.attention_resolutions to some of "
+            f"{choices} (or model.attention_resolutions= for none)"
+        )
 
 
 def build_path(config: RunConfig) -> AffinePath:

@@ -51,18 +51,22 @@ class DataConfig:
     """Where the training data comes from.
 
     ``name``: a 2-D toy (checkerboard, eight-gaussians, moons, rings, spirals, gmm), ``array``
-    (the user's ``.npy``/``.pt`` file at ``path``), or an image set (digits, mnist,
-    fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits).
+    (the user's ``.npy``/``.pt`` file ``[N, *dims]`` at ``path``), or an image set (digits,
+    mnist, fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits). A
+    ``folder`` holds PNG/JPEG files of one size, directly (unlabelled) or in one sub-folder per
+    class; its test split is a seeded permutation of the sorted file paths.
     """
 
     name: str = "checkerboard"
     path: str | None = None
-    val_fraction: float = 0.1  # array: share of the rows held out for validation
+    val_fraction: float = 0.1  # array: share of the rows held out (validation loss and eval)
+    test_fraction: float = 0.1  # folder: share of the files held out for flowmatch eval
     conditional: bool = False  # image sets with labels: train a class-conditional model
 
     def __post_init__(self) -> None:
         _check_choice("name", self.name, [*TOY_DATASETS, "array", *IMAGE_SETS])
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        check_range("test_fraction", self.test_fraction, 0.0, 1.0, high_open=True)
         reads_files = self.name == "array" or (self.name in IMAGE_SETS and self.name != "digits")
         if self.path is not None and not reads_files:
             raise ConfigError(f"path does not apply to name={self.name} (it ships with flowmatch)")

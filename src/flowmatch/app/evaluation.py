@@ -6,20 +6,25 @@ Everything draws from an explicit seed, so an evaluation is reproducible.
 
 from __future__ import annotations
 
+import datetime
+import io
 import math
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import tqdm
 from torch import Tensor
 
-from flowmatch import plotting
 from flowmatch.app.build import build_data
 from flowmatch.app.run_folder import RunFolder
 from flowmatch.app.runs import Run, load_run
-from flowmatch.data import ImageDataset, load_image_set, to_model_space
+from flowmatch.data import ImageDataset, load_image_set, to_model_space, to_pixels
+from flowmatch.extras import require
 from flowmatch.flow_map_likelihood import flow_map_log_likelihood
 from flowmatch.metrics import (
     FEATURE_EXTRACTORS,
@@ -27,13 +32,17 @@ from flowmatch.metrics import (
     energy_distance,
     image_metrics,
     load_feature_extractor,
+    load_feature_file,
     load_inception,
+    median_bandwidth,
+    mmd_rbf,
     wasserstein2,
 )
 from flowmatch.metrics.features import LeNet
 from flowmatch.solvers import IntegrationResult, bits_per_dim, integrate, log_likelihood
 from flowmatch.training.config import ConfigError
 from flowmatch.training.files import check_inside
+from flowmatch.training.run import RunDir
 from flowmatch.types import TwoTimeField, VelocityField
 
 
@@ -68,6 +77,49 @@ def check_sampling(
             )
 
 
+class SamplingProgress:
+    """Progress of one integration from ``t = 0`` to 1, read from the times the solver asks the
+    field for (so it needs no hook in the solver, and fits adaptive steps): a tqdm bar in percent
+    of the time range on a terminal, else a plain line on stderr at every tenth once
+    ``quiet_for`` seconds have passed (short runs stay quiet), each with the NFE so far and an
+    ETA. ``wrap(field)`` returns the field that reports."""
+
+    def __init__(self, label: str, quiet_for: float = 5.0) -> None:
+        self.label, self.nfe, self.shown, self.quiet_for = label, 0, 0, quiet_for
+        self.start = time.perf_counter()
+        self.bar: tqdm.tqdm | None = None
+        if sys.stderr.isatty():
+            self.bar = tqdm.tqdm(total=100, desc=label, unit="%", dynamic_ncols=True)
+
+    def wrap(self, field: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def reporting(x: Tensor, *times: Tensor, **model_kwargs: Tensor) -> Tensor:
+            self.update(float(torch.as_tensor(times[-1]).max()))
+            return field(x, *times, **model_kwargs)
+
+        return reporting
+
+    def update(self, t: float) -> None:
+        self.nfe += 1
+        done = min(100, int(100 * t + 1e-4))  # t arrives in float32
+        if self.bar is not None:
+            self.bar.update(max(0, done - self.bar.n))
+            self.bar.set_postfix(nfe=self.nfe, refresh=False)
+            return
+        elapsed = time.perf_counter() - self.start
+        if done >= self.shown + 10 and elapsed >= self.quiet_for:
+            self.shown = done - done % 10
+            eta = datetime.timedelta(seconds=round(elapsed * (100 - done) / done))
+            print(
+                f"{self.label}: {done}% of t, {self.nfe} NFE, {elapsed:.0f} s, eta {eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def generate(
     run: Run,
     n: int,
@@ -78,12 +130,14 @@ def generate(
     guidance: float | None = None,
     labels: Tensor | None = None,
     return_trajectory: bool = False,
+    progress: bool = False,
 ) -> IntegrationResult:
     """``n`` samples of the run from source draws of ``seed``.
 
     ``method="flow_map"`` jumps with the learned map (``steps`` jumps, default 1); the ODE
     methods integrate the velocity (a flow map's diagonal). Conditional runs take ``labels [n]``
-    (default: classes in turn) and an optional ``guidance`` scale.
+    (default: classes in turn) and an optional ``guidance`` scale. ``progress`` reports on
+    stderr with an ETA (``SamplingProgress``).
     """
     method = method or default_method(run)
     generator = torch.Generator().manual_seed(seed)
@@ -101,21 +155,34 @@ def generate(
         field = run.velocity(guidance)
     if method != "dopri5" and steps is None:
         steps = run.config.eval.steps or 16
-    with torch.inference_mode():
-        return integrate(
-            field,
-            x0,
-            method,
-            steps=None if method == "dopri5" else steps,
-            model_kwargs=model_kwargs,
-            return_trajectory=return_trajectory,
-        )
+    reporter = SamplingProgress(f"sampling {n} ({method})") if progress else None
+    try:
+        with torch.inference_mode():
+            return integrate(
+                field if reporter is None else reporter.wrap(field),
+                x0,
+                method,
+                steps=None if method == "dopri5" else steps,
+                model_kwargs=model_kwargs,
+                return_trajectory=return_trajectory,
+            )
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+W2_MAX_ROWS = 5000  # exact W2 is an O(n^3) assignment: above this many rows it is left out
 
 
 @dataclass
 class SampleQuality:
-    """Distances between ``n`` model samples and ``n`` fresh target samples, and the same
-    distances between two independent target samples (the noise level at that size)."""
+    """Distances between ``n`` model samples and ``n`` reference samples, and the same distances
+    from a second independent sample to the reference (the noise level at that size).
+
+    ``reference`` says what was compared with: fresh target samples (2-D toys), or an array
+    run's held-out rows, with ``n`` of its training rows as the second sample. ``w2`` is
+    ``None`` above ``W2_MAX_ROWS``; the MMD bandwidth is the median heuristic on the reference.
+    """
 
     method: str
     steps: int | None
@@ -123,27 +190,78 @@ class SampleQuality:
     n: int
     energy: float
     energy_noise: float
-    w2: float
-    w2_noise: float
+    w2: float | None
+    w2_noise: float | None
+    mmd: float
+    mmd_noise: float
+    reference: str = "target"
+
+
+def _sample_distances(samples: Tensor, reference: Tensor, other: Tensor) -> dict[str, Any]:
+    """Energy, W2 (up to ``W2_MAX_ROWS`` rows) and MMD of ``samples`` and of ``other`` (the
+    noise level) against ``reference``; items of any shape are compared flattened."""
+    bandwidth = median_bandwidth(reference)
+    distances: dict[str, Any] = {
+        "energy": float(energy_distance(samples, reference)),
+        "energy_noise": float(energy_distance(other, reference)),
+        "w2": None,
+        "w2_noise": None,
+        "mmd": float(mmd_rbf(samples, reference, bandwidth)),
+        "mmd_noise": float(mmd_rbf(other, reference, bandwidth)),
+    }
+    if reference.shape[0] <= W2_MAX_ROWS:
+        distances["w2"] = float(wasserstein2(samples, reference))
+        distances["w2_noise"] = float(wasserstein2(other, reference))
+    return distances
 
 
 def sample_quality(
-    run: Run, target: Any, method: str, steps: int | None, n: int, seed: int = 0
+    run: Run,
+    target: Any,
+    method: str,
+    steps: int | None,
+    n: int,
+    seed: int = 0,
+    progress: bool = False,
 ) -> SampleQuality:
-    """Energy distance and exact W2 of the run's samples against ``target.sample``."""
-    result = generate(run, n, method=method, steps=steps, seed=seed)
+    """Energy distance, exact W2 and MMD of the run's samples against ``target.sample``."""
+    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress)
     generator = torch.Generator().manual_seed(seed + 1)
     reference, other = target.sample(n, generator), target.sample(n, generator)
-    samples = result.x.float()
     return SampleQuality(
         method=method,
         steps=steps if method != "dopri5" else None,
         nfe=result.nfe,
         n=n,
-        energy=float(energy_distance(samples, reference)),
-        energy_noise=float(energy_distance(other, reference)),
-        w2=float(wasserstein2(samples, reference)),
-        w2_noise=float(wasserstein2(other, reference)),
+        **_sample_distances(result.x.float(), reference, other),
+    )
+
+
+def held_out_quality(
+    run: Run,
+    train: Tensor,
+    held_out: Tensor,
+    method: str,
+    steps: int | None,
+    n: int,
+    seed: int = 0,
+    progress: bool = False,
+) -> SampleQuality:
+    """The distances of ``sample_quality`` against an array run's held-out rows: ``min(n, rows)``
+    model samples and as many distinct training rows (the noise level: how far the training data
+    itself lies from the held-out rows)."""
+    n = min(n, held_out.shape[0], train.shape[0])
+    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress)
+    generator = torch.Generator().manual_seed(seed + 1)
+    reference = held_out[torch.randperm(held_out.shape[0], generator=generator)[:n]]
+    other = train[torch.randperm(train.shape[0], generator=generator)[:n]]
+    return SampleQuality(
+        method=method,
+        steps=steps if method != "dopri5" else None,
+        nfe=result.nfe,
+        n=n,
+        reference=f"{n} held-out rows (data.val_fraction={run.config.data.val_fraction})",
+        **_sample_distances(result.x.float(), reference.float(), other.float()),
     )
 
 
@@ -200,6 +318,25 @@ class ImageQuality:
     recall: float
 
 
+def feature_extractor_of(
+    run: Run, inception_weights: str | None, features: str | None
+) -> LeNet | InceptionV3:
+    """The extractor an image run is measured in: ``features`` (a LeNet file), Inception-v3
+    from ``inception_weights``, else the classifier shipped for the run's dataset."""
+    name = run.config.data.name
+    if features is not None:
+        return load_feature_file(features)
+    if inception_weights is not None:
+        return load_inception(inception_weights)
+    if name in FEATURE_EXTRACTORS:
+        return load_feature_extractor(name)
+    raise ValueError(
+        f"no feature classifier ships for {name!r} (they cover {', '.join(FEATURE_EXTRACTORS)}); "
+        "pass --features FILE (scripts/train_feature_classifier.py folder trains one on your "
+        "labels) or --inception-weights FILE"
+    )
+
+
 def image_quality(
     run: Run,
     reference: Tensor,
@@ -209,22 +346,19 @@ def image_quality(
     seed: int = 0,
     guidance: float | None = None,
     inception_weights: str | None = None,
+    features: str | None = None,
+    progress: bool = False,
 ) -> ImageQuality:
     """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
-    features of the dataset's shipped classifier or, given the local weights file of
-    pytorch-fid (checked by its hash), of Inception-v3."""
-    name = run.config.data.name
-    if inception_weights is not None:
-        extractor: LeNet | InceptionV3 = load_inception(inception_weights)
-    elif name in FEATURE_EXTRACTORS:
-        extractor = load_feature_extractor(name)
-    else:
-        raise ValueError(
-            f"no feature classifier ships for {name!r} (they cover "
-            f"{', '.join(FEATURE_EXTRACTORS)}); pass --inception-weights FILE"
-        )
+    features of the user's LeNet file ``features`` (trained on their labels by
+    ``scripts/train_feature_classifier.py``), of Inception-v3 given the local weights file of
+    pytorch-fid (checked by its hash), or of the dataset's shipped classifier."""
+    extractor = feature_extractor_of(run, inception_weights, features)
+    n = min(n, reference.shape[0])  # a small test split: as many samples as test images
     reference = to_model_space(reference[:n], run.spec.levels or 256)
-    result = generate(run, n, method=method, steps=steps, seed=seed, guidance=guidance)
+    result = generate(
+        run, n, method=method, steps=steps, seed=seed, guidance=guidance, progress=progress
+    )
     generator = torch.Generator().manual_seed(seed + 3)
     metrics = image_metrics(
         result.x, reference, extractor, kid_subset_size=min(1000, n // 2), generator=generator
@@ -317,51 +451,76 @@ def evaluate_run(
     guidance: float | None = None,
     inception_weights: str | None = None,
     nll: bool = True,
+    features: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The report of ``flowmatch eval``: quality at each step count and the likelihood.
 
-    2-D toy runs: energy distance and W2 against fresh target samples and the NLL beside the
-    exact value; image runs: Frechet distance, KID and precision/recall in shipped classifier
-    (or Inception-v3) features against the test split, and bits/dim.
+    2-D toy runs: energy distance, W2 and MMD against fresh target samples and the NLL beside
+    the exact value; array runs (any item shape): the same distances against their held-out
+    rows; image runs: Frechet distance, KID and precision/recall against the test split (a
+    folder's ``data.test_fraction``) in the features of a shipped classifier, the user's LeNet
+    file ``features`` or Inception-v3, and bits/dim. ``progress``: each sampling reports on
+    stderr with an ETA, and each likelihood says when it starts.
     """
     method = method or default_method(run)
     n = run.config.eval.samples if n is None else n
     requested: list[int | None] = [*steps] if steps else [None]
     for count in requested:
         check_sampling(run, method, count, n, guidance)
-    if inception_weights is not None and len(run.spec.shape) != 3:
+    image = len(run.spec.shape) == 3 and run.spec.levels is not None
+    if inception_weights is not None and not image:
         raise ConfigError("--inception-weights applies to image runs")
+    if features is not None and not image:
+        raise ConfigError("--features applies to image runs")
+    if features is not None and inception_weights is not None:
+        raise ConfigError("--features and --inception-weights are alternatives: pass one")
     counts: list[int | None] = [None]  # dopri5 picks its own steps
     if method != "dopri5":
         counts = [*steps] if steps else [run.config.eval.steps or 16]
     report: dict[str, Any] = {"run": str(run.run_dir), "step": run.step, "method": method}
-    if len(run.spec.shape) == 3:
-        report.update(_image_report(run, method, counts, n, seed, guidance, inception_weights, nll))
+    if image:
+        extractor = (inception_weights, features)
+        report.update(
+            _image_report(run, method, counts, n, seed, guidance, extractor, nll, progress)
+        )
     else:
         if guidance is not None:
             raise ConfigError("--guidance applies to class-conditional image runs")
-        report.update(_vector_report(run, method, counts, n, seed, nll))
+        report.update(_vector_report(run, method, counts, n, seed, nll, progress))
     return report
 
 
-def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: bool) -> dict:
+def _announce(progress: bool, what: str) -> None:
+    if progress:
+        print(f"{what} ...", file=sys.stderr, flush=True)
+
+
+def _vector_report(
+    run: Run, method: str, counts: list, n: int, seed: int, nll: bool, progress: bool
+) -> dict:
     data = build_data(run.config)
-    if data.target is None:
+    target = data.target if data.target is not None else data.validation
+    if target is None:
         raise ConfigError(
-            f"flowmatch eval measures 2-D toy runs and image runs; {run.config.data.name!r} "
-            "has no target to compare with"
+            f"the {run.config.data.name!r} run holds no rows out (data.val_fraction=0): "
+            "retrain with data.val_fraction above 0 to evaluate it"
         )
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
-        return asdict(sample_quality(of, data.target, how, steps, n, seed))
+        if data.target is not None:
+            return asdict(sample_quality(of, data.target, how, steps, n, seed, progress))
+        train, held_out = data.train.data, target.data
+        return asdict(held_out_quality(of, train, held_out, how, steps, n, seed, progress))
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
     if nll:
         n_nll = run.config.eval.nll_samples
-        report["likelihood"] = asdict(likelihood(run, data.target, n_nll, seed))
+        _announce(progress, f"likelihood of {n_nll} samples (dopri5, exact divergence)")
+        report["likelihood"] = asdict(likelihood(run, target, n_nll, seed))
         if run.is_flow_map and run.config.objective.both_orders:
             report["flow_map_likelihood"] = [
-                {"jumps": k, **asdict(likelihood(run, data.target, n_nll, seed, jumps=k))}
+                {"jumps": k, **asdict(likelihood(run, target, n_nll, seed, jumps=k))}
                 for k in (1, 4)
             ]
     return report
@@ -374,18 +533,22 @@ def _image_report(
     n: int,
     seed: int,
     guidance: float | None,
-    inception_weights: str | None,
+    extractor: tuple[str | None, str | None],
     nll: bool,
+    progress: bool,
 ) -> dict:
     cfg = run.config.data
-    test = load_image_set(cfg.name, cfg.path, "test")
+    test = load_image_set(cfg.name, cfg.path, "test", cfg.test_fraction)
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
-        quality = image_quality(of, test.images, how, steps, n, seed, guidance, inception_weights)
+        quality = image_quality(
+            of, test.images, how, steps, n, seed, guidance, *extractor, progress=progress
+        )
         return asdict(quality)
 
     report: dict = {"metric": "frechet_distance", **_quality_rows(run, method, counts, measure)}
     if nll:
+        _announce(progress, f"bits/dim of {run.config.eval.nll_samples} test images (dopri5)")
         bpd = bits_per_dim_of_run(run, ImageDataset(test), run.config.eval.nll_samples, seed)
         report["bits_per_dim"] = asdict(bpd)
     return report
@@ -398,6 +561,7 @@ def write_report(run: Run, report: dict[str, Any], steps: list[int] | None) -> P
     folder.write_json(path, report)
     rows, metric = report["quality"], report["metric"]
     if len(rows) > 1:
+        plotting = require("flowmatch.plotting", "plot")
         curves = {report["method"]: {r["steps"]: r[metric] for r in rows}}
         if "teacher_euler" in report:
             curves["teacher euler"] = {r["steps"]: r[metric] for r in report["teacher_euler"]}
@@ -411,27 +575,65 @@ def write_report(run: Run, report: dict[str, Any], steps: list[int] | None) -> P
     return path
 
 
-def write_samples(run: Run, result: IntegrationResult, out: Path | None) -> list[Path]:
+def pixels_in_0_255(x: Tensor, levels: int) -> Tensor:
+    """Model-space images ``[N, C, H, W]`` as uint8 in ``[0, 255]``: ``to_pixels`` gives each
+    pixel's cell ``0..levels-1``, stretched to 255 for fewer levels (17-level digits)."""
+    cells = to_pixels(x, levels).to(torch.int32)
+    return (cells * 255 // (levels - 1)).to(torch.uint8)
+
+
+def write_pngs(pixels: Tensor, folder: Path) -> list[Path]:
+    """One PNG per image ``pixels: uint8 [N, C, H, W]`` (C = 1 or 3) in ``folder``, named
+    ``00000.png``, ``00001.png``, ...; needs pillow (``pip install flowmatch[images]``)."""
+    image_module = require("PIL.Image", "images")
+    out = RunDir(folder)
+    paths = []
+    for index, item in enumerate(pixels.numpy()):
+        array = item[0] if item.shape[0] == 1 else item.transpose(1, 2, 0)
+        buffer = io.BytesIO()
+        image_module.fromarray(array).save(buffer, format="png")
+        path = out.root / f"{index:05d}.png"
+        out.write(path, buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def write_samples(
+    run: Run, result: IntegrationResult, out: Path | None, png_dir: Path | None = None
+) -> list[Path]:
     """``result`` as ``.npz`` at ``out`` (default: the run folder's ``samples.npz``; the name is
-    kept as given) and a picture beside it: a scatter (and the trajectories) for 2-D runs, an
-    image grid (one column per class for conditional runs) for images. Returns the paths."""
+    kept as given) and a picture beside it: a scatter (and the trajectories) for 2-D runs, a PNG
+    image grid (one column per class for conditional runs) for images. Image samples are
+    clamped to the data range ``[-1, 1]`` and also stored as ``pixels`` (uint8 in ``[0, 255]``),
+    with one PNG per sample in ``png_dir`` when given; arrays are stored as generated (a user's
+    array has no fixed range). Returns the paths (``png_dir`` itself for its files)."""
     folder = RunFolder(run.run_dir)
     out = out or folder.samples
-    arrays = {"samples": result.x.numpy(), "time_grid": result.time_grid.numpy()}
+    image = len(run.spec.shape) == 3 and run.spec.levels is not None
+    x = result.x.clamp(-1.0, 1.0) if image else result.x
+    arrays = {"samples": x.numpy(), "time_grid": result.time_grid.numpy()}
+    if image:
+        assert run.spec.levels is not None
+        arrays["pixels"] = pixels_in_0_255(x, run.spec.levels).numpy()
     if result.trajectory is not None:
         arrays["trajectory"] = result.trajectory.numpy()
     RunFolder(out.parent).write_npz(out, arrays)
     picture = out.with_name(out.stem + ".png")
     written = [out]
+    if run.spec.shape == (2,) or image:
+        plotting = require("flowmatch.plotting", "plot")
     if run.spec.shape == (2,):
         title = f"{run.run_dir.name} ({result.nfe} NFE)"
         written.append(plotting.plot_samples_2d(result.x, picture, title=title))
         if result.trajectory is not None:
             trajectories = out.with_name(RunFolder.TRAJECTORIES_PLOT)
             written.append(plotting.plot_trajectories_2d(result.trajectory, trajectories))
-    elif len(run.spec.shape) == 3:  # conditional runs: one column per class
+    elif image:  # conditional runs: one column per class
         nrow = run.spec.num_classes or 8
         scale = max(1, 64 // run.spec.shape[-1])  # 8x8 digits: 8x, 28x28: 2x
-        images = result.x[: nrow * 8]
+        images = x[: nrow * 8]
         written.append(plotting.save_image_grid(images, picture, nrow=nrow, scale=scale))
+        if png_dir is not None:
+            write_pngs(torch.from_numpy(arrays["pixels"]), png_dir)
+            written.append(png_dir)
     return written

@@ -6,6 +6,7 @@ everything it names is built before the folder is touched; then the library's lo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 
 import torch
 
-from flowmatch import plotting
 from flowmatch.app.build import Data, build_data, build_model, build_objective
 from flowmatch.app.config import ObjectiveConfig, RunConfig, read_config_file, with_overrides
 from flowmatch.app.objectives import OBJECTIVES
@@ -137,8 +137,10 @@ def validation_loss(data: Data, objective: Any, seed: int, n: int = 2048) -> Cal
 
 def plot_losses(folder: RunFolder) -> None:
     records = [r for r in folder.read_metrics() if isinstance(r.get("loss"), float | int)]
-    if not records:
-        return
+    if not records or importlib.util.find_spec("matplotlib") is None:
+        return  # loss.png needs the plot extra; metrics.jsonl has the numbers
+    from flowmatch import plotting
+
     val = [r for r in records if isinstance(r.get("val_loss"), float | int)]
     plotting.plot_loss_curve(
         [r["step"] for r in records],

@@ -7,12 +7,18 @@ def print_report(report: dict) -> None:
     rows = report["quality"]
     print(f"{report['run']} at step {report['step']}: {rows[0]['n']} samples per metric")
     if report["metric"] == "energy":
-        print(f"{'steps':>6} {'NFE':>5} {'energy':>10} {'(noise)':>10} {'W2':>8} {'(noise)':>8}")
+        print(f"against: {rows[0]['reference']}")
+        print(
+            f"{'steps':>6} {'NFE':>5} {'energy':>10} {'(noise)':>10} {'W2':>8} {'(noise)':>8} "
+            f"{'MMD':>9} {'(noise)':>9}"
+        )
         for r in rows:
             steps = "-" if r["steps"] is None else r["steps"]
+            w2 = "-" if r["w2"] is None else f"{r['w2']:.4f}"
+            w2_noise = "-" if r["w2_noise"] is None else f"{r['w2_noise']:.4f}"
             print(
                 f"{steps:>6} {r['nfe']:>5} {r['energy']:>10.5f} {r['energy_noise']:>10.5f} "
-                f"{r['w2']:>8.4f} {r['w2_noise']:>8.4f}"
+                f"{w2:>8} {w2_noise:>8} {r['mmd']:>9.5f} {r['mmd_noise']:>9.5f}"
             )
     else:
         print(f"features: {rows[0]['extractor']}")
@@ -25,7 +31,7 @@ def print_report(report: dict) -> None:
             )
     for r in report.get("teacher_euler", []):
         if report["metric"] == "energy":
-            value = f"energy {r['energy']:.5f}, W2 {r['w2']:.4f}"
+            value = f"energy {r['energy']:.5f}, MMD {r['mmd']:.5f}"
         else:
             value = f"FD {r['frechet_distance']:.3f}"
         print(f"teacher euler {r['steps']:>3} steps: {value}")

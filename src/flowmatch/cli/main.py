@@ -19,6 +19,7 @@ import torch
 from flowmatch.app.config import SOLVERS, RunConfig
 from flowmatch.app.objectives import DISTILLATIONS, OBJECTIVES
 from flowmatch.app.presets import PRESETS
+from flowmatch.extras import MissingExtra
 from flowmatch.training.checkpoint import CheckpointError
 from flowmatch.training.config import ConfigError
 from flowmatch.training.files import RunFileError
@@ -61,6 +62,22 @@ def _config_keys_help() -> str:
     return "\n".join(lines)
 
 
+OWN_DATA_HELP = """
+
+your own data:
+  an array [N, *dims] (.npy/.pt; an MLP, items of several axes flattened), data.val_fraction
+  of its rows held out for the validation loss and for eval (energy, W2, MMD):
+    flowmatch train --preset gmm data.name=array data.path=points.npy --out runs/points
+    flowmatch eval runs/points --solver rk4 --steps 8
+  a folder of PNG/JPEG files of one size (one sub-folder per class for labels; a U-Net),
+  data.test_fraction of its files held out for eval (FD/KID in --features or Inception):
+    flowmatch train --preset digits data.name=folder data.path=pngs --out runs/pngs \\
+        model.attention_resolutions=8
+    python scripts/train_feature_classifier.py folder --data-dir pngs --label pngs --out feat
+    flowmatch eval runs/pngs --features feat/lenet-pngs.safetensors --no-nll
+    flowmatch sample runs/pngs --n 64 --png-dir runs/pngs/pngs"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="flowmatch",
@@ -76,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model from a preset with key=value overrides",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys as section.key=value, with their defaults (a section name alone sets "
-        "its name, e.g. objective=lsd):\n" + _config_keys_help(),
+        "its name, e.g. objective=lsd):\n" + _config_keys_help() + OWN_DATA_HELP,
     )
     train.add_argument("--preset", help="a preset name (see `flowmatch presets`)")
     train.add_argument(
@@ -115,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     sample.add_argument("--trajectories", action="store_true", help="also draw the paths (2-D)")
+    sample.add_argument(
+        "--png-dir",
+        type=Path,
+        metavar="DIR",
+        help="images: also one PNG per sample (pixels in [0, 255]) in DIR",
+    )
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
 
     evaluate = commands.add_parser("eval", help="measure a trained run")
@@ -130,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--inception-weights",
         help="images: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (checked by its hash) "
         "for Inception-v3 features instead of the shipped classifier",
+    )
+    evaluate.add_argument(
+        "--features",
+        metavar="FILE",
+        help="images: a LeNet feature classifier (.safetensors with its .json beside it) written "
+        "by scripts/train_feature_classifier.py, e.g. trained on a folder's labels",
     )
     evaluate.add_argument("--no-nll", action="store_true", help="skip the likelihood")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -188,6 +217,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     run = load_run(args.run_dir)
     method = args.solver or default_method(run)
     check_sampling(run, method, args.steps, args.n, args.guidance)
+    if args.png_dir is not None and run.spec.levels is None:
+        raise UsageError("--png-dir applies to image runs")
     result = generate(
         run,
         args.n,
@@ -196,9 +227,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         guidance=args.guidance,
         return_trajectory=args.trajectories,
+        progress=True,
     )
-    written = write_samples(run, result, args.out)
-    print(f"wrote {' and '.join(map(str, written))} ({args.n} samples, {result.nfe} NFE)")
+    written = write_samples(run, result, args.out, args.png_dir)
+    note = "; clamped to the data range [-1, 1], pixels in [0, 255]" if run.spec.levels else ""
+    print(f"wrote {' and '.join(map(str, written))} ({args.n} samples, {result.nfe} NFE{note})")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -216,6 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         inception_weights=args.inception_weights,
         nll=not args.no_nll,
+        features=args.features,
+        progress=True,
     )
     write_report(run, report, args.steps)
     if args.json:
@@ -282,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PermissionError,
         IsADirectoryError,
         ValueError,
+        MissingExtra,
     ) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"flowmatch {args.command}: error: {message}", file=sys.stderr)

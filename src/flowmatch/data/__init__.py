@@ -14,6 +14,7 @@ from flowmatch.data.images import (
     ImageData,
     ImageDataset,
     load_image_set,
+    split_images,
     to_model_space,
     to_pixels,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "load_array",
     "load_array_dataset",
     "load_image_set",
+    "split_images",
     "split_rows",
     "to_model_space",
     "to_pixels",

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from flowmatch.data.base import draw_device
 from flowmatch.data.fetch import IDX_SHA256
+from flowmatch.extras import require
 
 IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
@@ -136,14 +137,7 @@ def load_digits(split: str = "train") -> ImageData:
     Fixed split in the file's order: the first 1500 images train, the last 297 test.
     """
     _check_split(split)
-    try:
-        # scikit-learn ships no type information (no py.typed marker).
-        from sklearn.datasets import load_digits as sklearn_load_digits
-    except ImportError as error:
-        raise ImportError(
-            "the digits set ships with scikit-learn: pip install scikit-learn"
-        ) from error
-    bunch = sklearn_load_digits()
+    bunch = require("sklearn.datasets", "digits").load_digits()  # ships with scikit-learn
     images = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     part = slice(None, DIGITS_TRAIN_SIZE) if split == "train" else slice(DIGITS_TRAIN_SIZE, None)
@@ -321,14 +315,14 @@ def load_cifar10(directory: str | Path, split: str = "train") -> ImageData:
 
 def _read_image(path: Path) -> np.ndarray:
     """One 8-bit image as ``[C, H, W]``: grayscale modes give C = 1, colour modes C = 3."""
-    from PIL import Image, UnidentifiedImageError
+    pil = require("PIL.Image", "images")
 
     try:
-        with Image.open(path) as image:
+        with pil.open(path) as image:
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raise ValueError(f"{path}: mode {image.mode} is not 8-bit")
             array = np.asarray(image.convert("L" if image.mode in ("1", "L", "LA") else "RGB"))
-    except (OSError, UnidentifiedImageError) as error:
+    except OSError as error:  # PIL's UnidentifiedImageError is one
         raise ValueError(f"{path}: cannot read as an image ({error})") from error
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
@@ -371,14 +365,45 @@ def load_image_folder(directory: str | Path) -> ImageData:
     )
 
 
+def split_images(data: ImageData, split: str, test_fraction: float, seed: int = 0) -> ImageData:
+    """The ``split`` ("train" or "test") of ``data`` under a seeded permutation of its items: the
+    first ``round(test_fraction * N)`` (at least 1 if the fraction is positive) are the test split.
+
+    For a folder the items are its files sorted by path, so the same folder, fraction and seed
+    give the same split; at fraction 0 every item trains (and asking for the test split is a
+    ``ValueError``).
+    """
+    _check_split(split)
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    n = data.images.shape[0]
+    n_test = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
+    if n_test == 0:
+        if split == "test":
+            raise ValueError("the folder has no test split: set data.test_fraction above 0")
+        return data  # everything trains, in file order
+    if n - n_test < 1:
+        raise ValueError(f"too few images ({n}) for a test fraction of {test_fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    index = order[:n_test] if split == "test" else order[n_test:]
+    labels = None if data.labels is None else data.labels[index]
+    return ImageData(images=data.images[index], labels=labels, levels=data.levels)
+
+
 IMAGE_SETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 
 
 def load_image_set(
-    name: str, directory: str | Path | None = None, split: str = "train"
+    name: str,
+    directory: str | Path | None = None,
+    split: str = "train",
+    test_fraction: float = 0.0,
 ) -> ImageData:
-    """One of ``IMAGE_SETS`` by name; ``directory`` holds its files (unused for "digits", and
-    "folder" has no split)."""
+    """One of ``IMAGE_SETS`` by name; ``directory`` holds its files (unused for "digits").
+
+    A "folder" has no split of its own: ``split_images`` with ``test_fraction`` (seed 0) makes
+    one; the others have their fixed train and test splits.
+    """
     if name == "digits":
         return load_digits(split)
     if name not in IMAGE_SETS:
@@ -386,6 +411,6 @@ def load_image_set(
     if directory is None:
         raise ValueError(f"the {name} image set needs the directory that holds its files")
     if name == "folder":
-        return load_image_folder(directory)
+        return split_images(load_image_folder(directory), split, test_fraction)
     loader = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
     return loader[name](directory, split)

@@ -1,7 +1,11 @@
 """Evaluation metrics: distances between sample sets (energy, W2, MMD) with noise levels, and
 Frechet distance, KID and precision/recall of images in the features of a shipped classifier."""
 
-from flowmatch.metrics.features import FEATURE_EXTRACTORS, load_feature_extractor
+from flowmatch.metrics.features import (
+    FEATURE_EXTRACTORS,
+    load_feature_extractor,
+    load_feature_file,
+)
 from flowmatch.metrics.frechet import (
     frechet_distance,
     image_metrics,
@@ -26,6 +30,7 @@ __all__ = [
     "inception_features",
     "kernel_inception_distance",
     "load_feature_extractor",
+    "load_feature_file",
     "load_inception",
     "median_bandwidth",
     "mmd_rbf",

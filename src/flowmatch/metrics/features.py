@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -106,11 +107,32 @@ def load_feature_extractor(name: str, directory: str | Path | None = None) -> Le
 
     ``directory`` defaults to the weights shipped in ``flowmatch/assets``.
     """
-    record = feature_extractor_record(name, directory)
-    config = record["config"]
-    model = LeNet(LeNetConfig(**{**config, "channels": tuple(config["channels"])}))
+    feature_extractor_record(name, directory)  # checks the name
     root = ASSETS if directory is None else Path(directory)
-    model.load_state_dict(load_file(root / f"lenet-{name}.safetensors"))
+    return load_feature_file(root / f"lenet-{name}.safetensors")
+
+
+def load_feature_file(path: str | Path) -> LeNet:
+    """A LeNet feature classifier from ``path`` (``.safetensors`` weights) and its JSON sidecar
+    beside it (``config``: the ``LeNetConfig``), as ``scripts/train_feature_classifier.py``
+    writes them for any labelled image set, a folder included. Weights and sidecar are data
+    only (no pickled code); ``ValueError`` (one line) for anything that does not fit."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if path.suffix != ".safetensors" or not path.is_file() or not sidecar.is_file():
+        raise ValueError(
+            f"{path}: expected a .safetensors file with its .json sidecar beside it "
+            "(written by scripts/train_feature_classifier.py)"
+        )
+    try:
+        config = json.loads(sidecar.read_text())["config"]
+        model = LeNet(LeNetConfig(**{**config, "channels": tuple(config["channels"])}))
+        model.load_state_dict(load_file(path))
+    except (KeyError, TypeError, RuntimeError, SafetensorError, json.JSONDecodeError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{path}: not a LeNet feature classifier ({type(error).__name__}: {first})"
+        ) from None
     return model.eval().requires_grad_(False)
 
 

@@ -3,11 +3,12 @@
 from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
 from flowmatch.nets.flow_map import FlowMapNet, warm_start_from_velocity
 from flowmatch.nets.guidance import GuidedVelocity, drop_labels
-from flowmatch.nets.mlp import MLP
+from flowmatch.nets.mlp import MLP, FlatItems
 from flowmatch.nets.unet import UNet, unet_cifar10_paper, unet_digits, unet_mnist
 
 __all__ = [
     "MLP",
+    "FlatItems",
     "FlowMapNet",
     "GuidedVelocity",
     "LabelEmbedding",

@@ -50,6 +50,22 @@ class SinusoidalTimeEmbedding(nn.Module):
         return f"dim={self.dim}, scale={self.scale}, max_period={self.max_period}"
 
 
+def time_input(
+    x: Tensor, times: tuple[Tensor, ...], t: Tensor | float | None, num_times: int
+) -> Tensor:
+    """The time input of a network called as ``net(x, *times)`` or ``net(x=x, t=t)`` (the
+    keyword form other libraries' solvers use): ``[B]`` for one time, ``[B, k]`` for ``k``. A
+    scalar time (a float or a 0-dim tensor, as an ODE solver passes it) is the same for every
+    sample; ``t=`` comes after any positional times."""
+    if t is not None:
+        times = (*times, torch.as_tensor(t, dtype=x.dtype, device=x.device))
+    if len(times) != num_times:
+        raise ValueError(f"expected {num_times} time input(s), got {len(times)}")
+    batch = x.shape[0]
+    times = tuple(s.expand(batch) if s.dim() == 0 or s.shape == (1,) else s for s in times)
+    return times[0] if num_times == 1 else torch.stack(times, dim=-1)
+
+
 class LabelEmbedding(nn.Embedding):
     """Learned class embedding ``y: [B] -> [B, dim]`` with ``num_classes + 1`` rows.
 

@@ -45,7 +45,14 @@ class FlowMapNet(nn.Module):
         """``v(x, s, t)``: the average velocity ``(X(x, s, t) - x) / (t - s)`` over ``[s, t]``."""
         return self.backbone(x, s, t - s, **model_kwargs)
 
-    def forward(self, x: Tensor, s: Tensor, t: Tensor, **model_kwargs: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, s: Tensor, t: Tensor | None = None, **model_kwargs: Tensor
+    ) -> Tensor:
+        if t is None:  # called as a velocity field v(x, t), e.g. by an ODE method
+            raise TypeError(
+                "a FlowMapNet is a two-time map X(x, s, t); for an ODE solver pass its diagonal "
+                "velocity net.velocity (or sample with method='flow_map')"
+            )
         return x + broadcast_time(t - s, x) * self.slope(x, s, t, **model_kwargs)
 
     def velocity(self, x: Tensor, t: Tensor, **model_kwargs: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
+from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding, time_input
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
@@ -82,13 +82,31 @@ class MLP(nn.Module):
         layers.append(nn.Linear(hidden, dim))
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, *times: Tensor, y: Tensor | None = None) -> Tensor:
-        if len(times) != self.num_times:
-            raise ValueError(f"expected {self.num_times} time input(s), got {len(times)}")
-        t = times[0] if len(times) == 1 else torch.stack(times, dim=-1)
-        h = self.input(torch.cat([x, self.time_embed(t)], dim=-1))
+    def forward(
+        self, x: Tensor, *times: Tensor, t: Tensor | float | None = None, y: Tensor | None = None
+    ) -> Tensor:
+        """``v(x, *times)``, or ``v(x=x, t=t)`` by keyword; a scalar ``t`` holds for the batch."""
+        time = time_input(x, times, t, self.num_times)
+        h = self.input(torch.cat([x, self.time_embed(time)], dim=-1))
         if self.label_embed is not None:
             if y is None:
                 raise ValueError(f"class-conditional model: pass y (null label {self.null_label})")
             h = h + self.label_embed(y)
         return self.layers(h)
+
+
+class FlatItems(nn.Module):
+    """A vector network applied to items of any shape: ``x: [B, *shape]`` is flattened to
+    ``[B, prod(shape)]`` for ``net`` and its output reshaped back (an MLP over the flattened
+    dimensions, e.g. for arrays ``[N, 4, 5]``); times and keyword inputs pass through."""
+
+    def __init__(self, net: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.shape = tuple(shape)
+        self.num_times = getattr(net, "num_times", 1)  # what FlowMapNet and guidance read
+        self.null_label = getattr(net, "null_label", None)
+
+    def forward(self, x: Tensor, *times: Tensor, **model_kwargs: Tensor) -> Tensor:
+        out = self.net(x.flatten(1), *times, **model_kwargs)
+        return out.reshape(x.shape[0], *self.shape)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding
+from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding, time_input
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -272,11 +272,11 @@ class UNet(nn.Module):
             if isinstance(module, AttentionBlock):
                 module.jvp_safe = value
 
-    def forward(self, x: Tensor, *times: Tensor, y: Tensor | None = None) -> Tensor:
-        if len(times) != self.num_times:
-            raise ValueError(f"expected {self.num_times} time input(s), got {len(times)}")
-        t = times[0] if len(times) == 1 else torch.stack(times, dim=-1)
-        emb = self.time_embed(t)
+    def forward(
+        self, x: Tensor, *times: Tensor, t: Tensor | float | None = None, y: Tensor | None = None
+    ) -> Tensor:
+        """``v(x, *times)``, or ``v(x=x, t=t)`` by keyword; a scalar ``t`` holds for the batch."""
+        emb = self.time_embed(time_input(x, times, t, self.num_times))
         if self.label_embed is not None:
             if y is None:
                 raise ValueError(f"class-conditional model: pass y (null label {self.null_label})")

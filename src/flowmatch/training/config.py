@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeGuard, TypeVar
 
 import torch
 
+from flowmatch.training.loggers import LOGGERS, missing_package
+
 C = TypeVar("C")
 
 
@@ -74,6 +76,7 @@ class TrainConfig:
     val_every: int | None = _free(None)  # None: validate at every logging step
     device: str = _free("auto")  # auto: the local CUDA device if there is one, else cpu
     num_threads: int | None = _free(None)  # torch.set_num_threads; None: torch's default
+    loggers: tuple[str, ...] = _free(())  # beside metrics.jsonl: csv, tensorboard (loggers.py)
 
     def __post_init__(self) -> None:
         check_range("seed", self.seed, 0, MAX_SEED)
@@ -97,6 +100,12 @@ class TrainConfig:
         check_range("warmup_steps", self.warmup_steps, 0, self.steps)
         check_range("grad_clip", self.grad_clip, 0.0, math.inf, low_open=True, optional=True)
         check_device_name(self.device)
+        for name in self.loggers:
+            if name not in LOGGERS:
+                raise ConfigError(f"loggers: {name!r} is not one of {', '.join(LOGGERS)}")
+            hint = missing_package(name)
+            if hint is not None:
+                raise ConfigError(hint)
 
     def micro_size(self, world_size: int = 1) -> int:
         """The micro-batch size used on ``world_size`` processes; ``ConfigError`` when the

@@ -272,7 +272,7 @@ def _loop(
         global_rngs.append(torch.cuda.default_generators[device.index])
     started = interval_start = time.perf_counter()
     loss = val_loss = None
-    with Progress(run, state.step, cfg.steps, enabled=ctx.is_main) as progress:
+    with Progress(run, state.step, cfg.steps, ctx.is_main, cfg.loggers) as progress:
         while state.step < cfg.steps:
             done = state.step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.steps

@@ -25,6 +25,7 @@ import tqdm
 
 import flowmatch
 from flowmatch.training.files import RunFileError, atomic_write, describe_os_error, read_text
+from flowmatch.training.loggers import MetricsWriter, open_writers
 
 
 class RunDir:
@@ -130,13 +131,24 @@ def _git_commit() -> str | None:
 class Progress:
     """Metrics to ``metrics.jsonl`` and progress to stderr (a tqdm bar if it is a terminal).
 
-    A context manager; when not ``enabled`` (ranks other than 0) it does nothing.
+    Each record also goes to the writers named in ``loggers`` (:mod:`flowmatch.training.loggers`),
+    started after ``start_step``. A context manager; when not ``enabled`` (ranks other than 0) it
+    does nothing.
     """
 
-    def __init__(self, run: RunDir, start_step: int, steps: int, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        start_step: int,
+        steps: int,
+        enabled: bool = True,
+        loggers: tuple[str, ...] = (),
+    ) -> None:
         self.run, self.start_step, self.steps, self.enabled = run, start_step, steps, enabled
+        self.loggers = loggers
         self.file: TextIO | None = None
         self.bar: tqdm.tqdm | None = None
+        self.writers: list[MetricsWriter] = []
 
     def __enter__(self) -> Progress:
         if self.enabled:
@@ -147,6 +159,7 @@ class Progress:
             except OSError as error:
                 raise RunFileError(describe_os_error(self.run.metrics, error, "write")) from None
             self.file = os.fdopen(fd, "a")  # closed by __exit__
+            self.writers = open_writers(self.loggers, self.run.root, self.start_step)
             if sys.stderr.isatty():
                 self.bar = tqdm.tqdm(
                     total=self.steps, initial=self.start_step, unit="step", dynamic_ncols=True
@@ -157,6 +170,8 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self.file is not None:
             self.file.close()
+        for writer in self.writers:
+            writer.close()
         if self.bar is not None:
             self.bar.close()
 
@@ -173,6 +188,8 @@ class Progress:
             self.file.flush()
         except OSError as error:
             raise RunFileError(describe_os_error(self.run.metrics, error, "write")) from None
+        for writer in self.writers:
+            writer.write(record)
         shown = {k: v for k, v in record.items() if k in ("loss", "val_loss", "lr", "grad_norm")}
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)

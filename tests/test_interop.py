@@ -1,0 +1,57 @@
+"""Networks called as other libraries call them: time by keyword, a scalar time for the batch;
+a flow map handed to an ODE method refuses in one line; items of several axes in a flow map."""
+
+import pytest
+import torch
+
+from flowmatch.nets import MLP, FlatItems, FlowMapNet, UNet
+from flowmatch.solvers import sample
+
+
+@pytest.mark.parametrize(
+    "net, x",
+    [
+        (MLP(3, hidden=16, depth=2), torch.randn(5, 3)),
+        (
+            UNet(
+                1,
+                model_channels=8,
+                channel_mult=(1, 2),
+                attention_resolutions=(),
+                num_groups=4,
+                image_size=8,
+            ),
+            torch.randn(5, 1, 8, 8),
+        ),
+    ],
+    ids=["mlp", "unet"],
+)
+def test_time_by_keyword_and_as_a_scalar(net, x):
+    torch.manual_seed(0)
+    with torch.no_grad():  # the U-Net's output layer starts at zero
+        for parameter in net.parameters():
+            parameter.normal_(0.0, 0.2)
+    t = torch.full((5,), 0.3)
+    expected = net(x, t)
+    assert torch.equal(net(x=x, t=t), expected)
+    assert torch.allclose(net(x=x, t=torch.tensor(0.3)), expected)
+    assert torch.allclose(net(x, t=0.3), expected)
+    assert not torch.allclose(net(x, t=0.7), expected)  # the time is used
+    with pytest.raises(ValueError, match="expected 1 time input"):
+        net(x, t, t=t)
+
+
+def test_a_flow_map_given_to_an_ode_method_refuses_in_one_line():
+    net = FlowMapNet(MLP(2, hidden=8, depth=1, num_times=2))
+    with pytest.raises(TypeError, match=r"net\.velocity") as error:
+        sample(net, torch.randn(4, 2), method="rk4", steps=4)
+    assert len(str(error.value).splitlines()) == 1
+    x = sample(net.velocity, torch.randn(4, 2), method="rk4", steps=4)
+    assert x.shape == (4, 2)
+
+
+def test_a_flow_map_over_items_of_several_axes():
+    net = FlowMapNet(FlatItems(MLP(20, hidden=8, depth=1, num_times=2), (4, 5)))
+    x, s, t = torch.randn(3, 4, 5), torch.zeros(3), torch.ones(3)
+    assert net(x, s, t).shape == (3, 4, 5)
+    assert torch.equal(net(x, s, s), x)  # the identity at s = t
