@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 RUN=${1:-runs/checkerboard}
 FM=.venv/bin/flowmatch
-"$FM" train --preset checkerboard --out "$RUN"
+if [ -d "$RUN/checkpoints" ]; then
+  "$FM" train --resume "$RUN"  # a finished run has nothing left to do; an interrupted one goes on
+else
+  "$FM" train --preset checkerboard --out "$RUN"
+fi
 "$FM" sample "$RUN" --n 4000 --solver rk4 --steps 16 --trajectories
 "$FM" eval "$RUN" --steps 1,2,4,8,16 --solver euler --no-nll
 "$FM" eval "$RUN" --solver dopri5
