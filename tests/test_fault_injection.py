@@ -266,3 +266,22 @@ def test_an_interrupted_command_is_one_line_with_exit_status_1(run, capsys, monk
     monkeypatch.setattr("flowmatch.app.training.train", interrupt)
     line = _one_line(capsys, ["train", "--resume", str(run), "train.log_every=1"], code=1)
     assert "interrupted" in line and "--resume" in line
+
+
+@pytest.mark.parametrize(
+    ("weights", "sidecar"),
+    [(b"junk", b'{"config": {}}'), (b"junk", b"\xff\xfe"), (b"\x08" * 16, b"[1]")],
+)
+def test_malformed_feature_files_and_reflow_caches_are_one_line_value_errors(
+    tmp_path, weights, sidecar
+):
+    from flowmatch.metrics.features import load_feature_file
+    from flowmatch.reflow import load_reflow_pairs
+
+    for stem, load in (("lenet", load_feature_file), ("pairs", load_reflow_pairs)):
+        (tmp_path / f"{stem}.safetensors").write_bytes(weights)
+        (tmp_path / f"{stem}.json").write_bytes(sidecar)
+        target = tmp_path / (f"{stem}.safetensors" if stem == "lenet" else stem)
+        with pytest.raises(ValueError) as error:
+            load(target)
+        assert "\n" not in str(error.value) and stem in str(error.value)

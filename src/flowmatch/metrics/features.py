@@ -128,7 +128,7 @@ def load_feature_file(path: str | Path) -> LeNet:
         config = json.loads(sidecar.read_text())["config"]
         model = LeNet(LeNetConfig(**{**config, "channels": tuple(config["channels"])}))
         model.load_state_dict(load_file(path))
-    except (KeyError, TypeError, RuntimeError, SafetensorError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError, RuntimeError, SafetensorError, ValueError) as error:
         first = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
             f"{path}: not a LeNet feature classifier ({type(error).__name__}: {first})"
