@@ -55,3 +55,18 @@ def test_a_flow_map_over_items_of_several_axes():
     x, s, t = torch.randn(3, 4, 5), torch.zeros(3), torch.ones(3)
     assert net(x, s, t).shape == (3, 4, 5)
     assert torch.equal(net(x, s, s), x)  # the identity at s = t
+
+
+def test_integrate_and_sample_agree_on_grad_mode():
+    from flowmatch.nets import MLP
+    from flowmatch.solvers import integrate, sample
+
+    net = MLP(2, hidden=8, depth=1)  # parameters require grad
+    x0 = torch.randn(4, 2)
+    assert not integrate(net, x0, "euler", steps=2).x.requires_grad
+    assert not sample(net, x0, "euler", steps=2).requires_grad
+    tracked = x0.clone().requires_grad_(True)  # the caller asks for gradients
+    for out in (integrate(net, tracked, "euler", steps=2).x, sample(net, tracked, "euler", steps=2)):
+        assert out.requires_grad
+        (grad,) = torch.autograd.grad(out.sum(), tracked)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -125,7 +125,33 @@ def integrate(
     from the velocity; ``method="flow_map"`` with ``gamma`` in [0, 1] re-noises between the
     jumps (gamma-sampling; ``gamma=None``, the default, is plain jumps). Deterministic methods
     ignore ``schedule`` and ``generator``.
+
+    Gradients are tracked only when the caller enables them for ``x`` (``x.requires_grad``), as
+    in :func:`sample`: the result of a plain call does not require grad.
     """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+        return _integrate(
+            field, x, method, steps, time_grid, atol, rtol, schedule, diffusion, gamma,
+            generator, model_kwargs, return_trajectory, check_finite,
+        )  # fmt: skip
+
+
+def _integrate(
+    field: VelocityField | TwoTimeField,
+    x: Tensor,
+    method: str,
+    steps: int | None,
+    time_grid: Tensor | None,
+    atol: float,
+    rtol: float,
+    schedule: Schedule | None,
+    diffusion: Diffusion | float | None,
+    gamma: float | None,
+    generator: torch.Generator | None,
+    model_kwargs: dict[str, Any] | None,
+    return_trajectory: bool,
+    check_finite: bool,
+) -> IntegrationResult:
     model_kwargs = model_kwargs or {}
     grid = resolve_time_grid(x, method, steps, time_grid)
     if diffusion is not None and method != "euler_maruyama":
