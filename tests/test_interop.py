@@ -66,7 +66,8 @@ def test_integrate_and_sample_agree_on_grad_mode():
     assert not integrate(net, x0, "euler", steps=2).x.requires_grad
     assert not sample(net, x0, "euler", steps=2).requires_grad
     tracked = x0.clone().requires_grad_(True)  # the caller asks for gradients
-    for out in (integrate(net, tracked, "euler", steps=2).x, sample(net, tracked, "euler", steps=2)):
+    outputs = (integrate(net, tracked, "euler", steps=2).x, sample(net, tracked, "euler", steps=2))
+    for out in outputs:
         assert out.requires_grad
         (grad,) = torch.autograd.grad(out.sum(), tracked)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
