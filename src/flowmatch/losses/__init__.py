@@ -2,18 +2,25 @@
 
 Flow matching of a velocity (``cfm_loss``), and flow-map losses: distillation from a teacher
 velocity (Lagrangian, Eulerian, progressive), self-distillation and MeanFlow, and the few-step
-families (shortcut models, SplitMeanFlow, improved MeanFlow, alpha-Flow).
+families (shortcut models, SplitMeanFlow, improved MeanFlow, alpha-Flow, Terminal Velocity
+Matching, continuous-time consistency).
 """
 
 from flowmatch.losses.few_step import (
     AlphaFlowObjective,
+    ConsistencyTimePairs,
+    ContinuousConsistencyObjective,
     ImprovedMeanFlowObjective,
     ShortcutObjective,
     ShortcutTimePairs,
     SplitMeanFlowObjective,
+    TerminalVelocityObjective,
+    TerminalVelocityTimePairs,
     alpha_flow_loss,
+    continuous_consistency_loss,
     improved_meanflow_loss,
     shortcut_loss,
+    terminal_velocity_loss,
 )
 from flowmatch.losses.flow_map_objectives import (
     MapDistillationObjective,
@@ -41,6 +48,8 @@ from flowmatch.losses.flow_matching import FlowMatchingObjective, cfm_loss
 
 __all__ = [
     "AlphaFlowObjective",
+    "ConsistencyTimePairs",
+    "ContinuousConsistencyObjective",
     "FlowMatchingObjective",
     "ImprovedMeanFlowObjective",
     "LearnedLossWeight",
@@ -51,8 +60,11 @@ __all__ = [
     "ShortcutObjective",
     "ShortcutTimePairs",
     "SplitMeanFlowObjective",
+    "TerminalVelocityObjective",
+    "TerminalVelocityTimePairs",
     "alpha_flow_loss",
     "cfm_loss",
+    "continuous_consistency_loss",
     "diagonal_flow_matching_loss",
     "directional_derivative",
     "esd",
@@ -68,4 +80,5 @@ __all__ = [
     "psd_midpoint",
     "psd_uniform",
     "shortcut_loss",
+    "terminal_velocity_loss",
 ]

@@ -1,4 +1,5 @@
-"""Few-step flow-map families of 2024-2025: shortcut models, SplitMeanFlow, iMF and alpha-Flow.
+"""Few-step flow-map families of 2024-2025: shortcut models, SplitMeanFlow, iMF, alpha-Flow, TVM
+and continuous-time consistency (sCM).
 
 This module owns their loss kernels and training objectives, written for a two-time flow map
 ``X_{s,t}(x) = x + (t - s) v_{s,t}(x)`` in flowmatch time (``t = 0`` noise, ``t = 1`` data; see
@@ -13,7 +14,7 @@ targets marked ``sg`` carry no gradient. Objectives follow the training loop's i
 ``objective(model, batch, step, generator) -> loss [B]``: they draw the path's noise, the time
 pairs and any extra randomness from ``generator`` in that order, pass ``batch["y"]`` to the
 model as ``y`` when present, and hold all their state in ``state_dict`` (the optional learned
-loss weight; nothing else).
+loss weight; nothing else: a distillation's teacher velocity is frozen and kept out of it).
 """
 
 from __future__ import annotations
@@ -26,19 +27,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowmatch.losses.flow_map_objectives import _diagonal_then_off, _FlowMapObjective, _rows
+from flowmatch.losses.flow_map_objectives import (
+    _diagonal_then_off,
+    _FlowMapObjective,
+    _frozen,
+    _rows,
+)
 from flowmatch.losses.flow_maps import (
+    TimeDerivative,
     _mean_square,
     adaptive_weight,
     diagonal_flow_matching_loss,
     directional_derivative,
+    lagrangian_self_distillation_loss,
     meanflow_loss,
     progressive_self_distillation_loss,
 )
 from flowmatch.paths.affine import AffinePath
+from flowmatch.paths.schedules import Schedule
 from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
+from flowmatch.paths.time_samplers import LogitNormalTimeSampler
 from flowmatch.shapes import broadcast_time
-from flowmatch.types import FlowMap
+from flowmatch.solvers.sde import time_of_noise_ratio
+from flowmatch.types import FlowMap, VelocityField
 
 TimePairSampler = Callable[..., TimePairs]
 
@@ -148,6 +159,90 @@ def alpha_flow_loss(
             target = target + (1.0 - alpha) * flow_map.slope(x_u, s + alpha * gap, t, **kw)
     squared_error = _mean_square(flow_map.slope(x_s, s, t, **kw) - target)
     return alpha * adaptive_weight(squared_error, 1.0, eps) * squared_error
+
+
+def terminal_velocity_loss(
+    flow_map: FlowMap,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    x_u: Tensor,
+    u: Tensor,
+    velocity: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
+) -> Tensor:
+    """Terminal Velocity Matching (Zhou, Parger, Haque, Song 2025, Sec. 3; official ``TVMWrapper``).
+
+    TVM writes the jump from the noisier time ``t`` to ``s`` as ``f(x_t, t, s) = (s - t) F(x_t, t,
+    s)`` and matches its terminal velocity ``d/ds f`` to the model's velocity ``F(., s, s)`` at the
+    transported point, plus flow matching of ``F(x_s', s', s')`` at an independent time. In
+    flowmatch time (``F = -v``, their end time ``s`` is our ``t``) the two terms are
+
+    ``r_1 = d_t X_{s,t}(x_s) - sg(v_{t,t}(sg X_{s,t}(x_s)))``, ``r_2 = v_{u,u}(x_u) - velocity``,
+
+    the first being :func:`~flowmatch.losses.flow_maps.lagrangian_self_distillation_loss`: the
+    gradient flows through ``d_t X`` (a JVP in ``t`` alone, differentiated again by backward, as
+    the official code with ``detach_jvp=False``), not through the target. ``x_u, u, velocity =
+    I_u, u, dI_u/du``; returns ``|r_1|^2 + |r_2|^2``, each averaged over dimensions. At ``s = t``
+    the first term vanishes with its gradient (the official code masks it, its target being an
+    EMA network). One JVP.
+    """
+    terminal = lagrangian_self_distillation_loss(flow_map, x_s, s, t, model_kwargs, method)
+    return terminal + diagonal_flow_matching_loss(flow_map, x_u, u, velocity, model_kwargs)
+
+
+def continuous_consistency_loss(
+    flow_map: FlowMap,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    velocity: Tensor,
+    warmup: float = 1.0,
+    tangent_scale: float | None = 0.1,
+    model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
+) -> Tensor:
+    """Continuous-time consistency, sCM (Lu & Song 2024, arXiv 2410.11081), on a flow map.
+
+    A consistency model is the flow map to the data end, ``f(x_s, s) = X_{s,1}(x_s)`` (Boffi,
+    Albergo, Vanden-Eijnden 2024); its condition ``d/ds X_{s,t}(x_s) = 0`` along the flow
+    of ``velocity = b`` is the Eulerian residual, with ``X = x + (t - s) v`` and ``d/ds = d_s + b .
+    grad_x``:
+
+    ``D = d/ds X_{s,t}(x_s) = b - v_{s,t}(x_s) + (t - s) d/ds v_{s,t}(x_s)``.
+
+    sCM's loss ``|F - sg(F + g)|^2`` on the network's output, with the tangent ``g`` along ``D``
+    (toward the less noisy end), is here ``|v_{s,t} - sg(v_{s,t} + g)|^2`` with ``g = sg(b - v +
+    warmup (t - s) d/ds v)``: sCM's warm-up ``r`` scales the term with the network's time
+    derivative, and ``warmup = 1`` gives ``g = D``. Its tangent normalisation ``g / (|g| + c)``,
+    ``c = tangent_scale`` (sCM's 0.1; None: none), takes ``|g|`` as the root mean square over
+    dimensions, as the loss averages over them. The value is ``|g|^2`` and the gradient ``-2 g .
+    grad v``: without normalisation at ``t = 1`` this is MeanFlow (Geng et al. 2025, eq. 10).
+    ``velocity``: a teacher's ``b_s(x_s)`` (sCD) or ``dI_s/ds`` (sCT; the normalisation makes the
+    conditional target biased, as in sCM). The JVP has no graph.
+    """
+    kw = model_kwargs or {}
+    mean_flow = directional_derivative(
+        flow_map.slope,
+        x_s,
+        s,
+        t,
+        dx=velocity,
+        ds=torch.ones_like(s),
+        model_kwargs=kw,
+        method=method,
+        tangent_graph=False,
+    )
+    slope = mean_flow.value
+    with torch.no_grad():
+        gap = broadcast_time(t - s, x_s)
+        tangent = velocity - slope + warmup * gap * mean_flow.derivative
+        if tangent_scale is not None:
+            rms = _mean_square(tangent).sqrt()
+            tangent = tangent / broadcast_time(rms + tangent_scale, x_s)
+        target = slope + tangent
+    return _mean_square(slope - target)
 
 
 @dataclass(frozen=True)
@@ -425,3 +520,206 @@ class AlphaFlowObjective(_FlowMapObjective):
             return alpha_flow_loss(model, x_s, s, t, velocity, alpha, self.eps, _rows(kw, rows))
 
         return _diagonal_then_off(pairs, diagonal, trajectory)
+
+
+@dataclass(frozen=True)
+class TerminalVelocityTimePairs:
+    """TVM's pairs (official ``TVMLoss.sample_ts``, ``s_P = (-0.4, 1)``, ``gap_P = (-0.8, 1)``).
+
+    In flowmatch time: the gap ``t - s = sigmoid(gap_mean + gap_std z)``, the end time ``t =
+    sigmoid(mean + std z')`` conditioned on ``t >= t - s`` (drawn by inverting the normal CDF), and
+    ``s = t - gap``; the official end time, noise at 1, is ``lognorm(-0.4, 1)``, which is ``mean =
+    0.4`` here. Then both are clipped to ``[t_min, t_max]``. No pair is on the diagonal.
+    """
+
+    mean: float = 0.4
+    std: float = 1.0
+    gap_mean: float = -0.8
+    gap_std: float = 1.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def __call__(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TimePairs:
+        z = torch.randn(n, generator=generator, device=device, dtype=dtype)
+        gap = torch.sigmoid(self.gap_mean + self.gap_std * z)
+        lowest = torch.special.ndtr((torch.logit(gap) - self.mean) / self.std)
+        u = torch.rand(n, generator=generator, device=device, dtype=dtype)
+        logit_t = self.mean + self.std * torch.special.ndtri(lowest + u * (1.0 - lowest))
+        t = torch.sigmoid(logit_t)
+        s = (t - gap).clamp(self.t_min, self.t_max)
+        return TimePairs(s=s, t=t.clamp(self.t_min, self.t_max), num_diagonal=0)
+
+
+class TerminalVelocityObjective(_FlowMapObjective):
+    """Terminal Velocity Matching, TVM (Zhou, Parger, Haque, Song 2025), unguided, flowmatch time.
+
+    Every sample carries both terms of :func:`terminal_velocity_loss`: the terminal velocity at a
+    pair of ``time_pairs`` (default :class:`TerminalVelocityTimePairs`) and flow matching at ``u =
+    sigmoid(mean + std z)`` on the same noise and data (the official ``s'``, drawn after the
+    pairs). The current parameters give the terminal target, under stop-gradient; the official
+    code takes it from an EMA copy (rate 0.99), and its guidance input and ``1 / w^2`` weights
+    need a backbone input this library's networks lack: both are left out. ``time_derivative``
+    computes ``d_t X``. No state.
+    """
+
+    def __init__(
+        self,
+        path: AffinePath,
+        time_pairs: TimePairSampler | None = None,
+        mean: float = 0.4,
+        std: float = 1.0,
+        time_derivative: TimeDerivative = "jvp",
+    ) -> None:
+        t_min, t_max = path.schedule.t_min, path.schedule.t_max
+        time_pairs = time_pairs or TerminalVelocityTimePairs(mean, std, t_min=t_min, t_max=t_max)
+        super().__init__(path, time_pairs, learned_weight=False)
+        self.velocity_times = LogitNormalTimeSampler(mean, std, t_min, t_max)
+        self.time_derivative = time_derivative
+
+    def forward(
+        self,
+        model: FlowMap,
+        batch: dict[str, Tensor],
+        step: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        point, pairs, kw = self._draw(batch, generator)
+        x1 = batch["x1"]
+        u = self.velocity_times(x1.shape[0], generator, x1.device, x1.dtype)
+        anchor = self.path.sample(point.x0, point.x1, u)
+        return terminal_velocity_loss(
+            model,
+            point.x_t,
+            pairs.s,
+            pairs.t,
+            anchor.x_t,
+            u,
+            anchor.velocity,
+            kw,
+            self.time_derivative,
+        )
+
+
+@dataclass(frozen=True)
+class ConsistencyTimePairs:
+    """sCM's times (Lu & Song 2024) as flow-map pairs ``(s, t_max)``, plus the diagonal.
+
+    sCM draws EDM's noise level ``log sigma ~ N(P_mean, P_std)`` (defaults ``-1.0, 1.4``); for an
+    affine path that level is the noise-to-signal ratio ``sigma(s) / alpha(s)`` (``x_s / alpha_s``
+    is the data plus ``sigma_s / alpha_s`` noise), so ``s`` solves ``sigma(s) / alpha(s) =
+    exp(mean + std z)`` on ``[t_min, t_max]`` (bisection). The first ``floor(diagonal_fraction
+    n)`` pairs are diagonal ``s = t`` at times of the same law; the others end at ``t_max``.
+    """
+
+    schedule: Schedule
+    mean: float = -1.0
+    std: float = 1.4
+    diagonal_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.diagonal_fraction <= 1.0:
+            raise ValueError(f"diagonal_fraction must lie in [0, 1], got {self.diagonal_fraction}")
+
+    def __call__(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TimePairs:
+        z = torch.randn(n, generator=generator, device=device, dtype=dtype)
+        lo = torch.full_like(z, self.schedule.t_min)
+        hi = torch.full_like(z, self.schedule.t_max)
+        s = time_of_noise_ratio(self.schedule, torch.exp(self.mean + self.std * z), lo, hi)
+        num_diagonal = int(self.diagonal_fraction * n)
+        t = torch.cat([s[:num_diagonal], hi[num_diagonal:]])
+        return TimePairs(s=s, t=t, num_diagonal=num_diagonal)
+
+
+class ContinuousConsistencyObjective(_FlowMapObjective):
+    """sCM (Lu & Song 2024) for the flow map to the data end ``X_{s,1}``: sCT, or sCD (a teacher).
+
+    Off-diagonal pairs ``(s, t_max)`` of :class:`ConsistencyTimePairs` use
+    :func:`continuous_consistency_loss` with the tangent along ``b = dI_s/ds`` (training, sCT) or
+    ``b = teacher(x_s, s)`` (distillation, sCD; frozen, out of ``state_dict``), warm-up ``r =
+    min(1, step / warmup_steps)`` (sCM's linear warm-up over 10k steps; it depends on ``step``
+    alone) and tangent normalisation ``tangent_scale``. Diagonal pairs regress ``v_{t,t}`` on
+    ``dI_t/dt``, which sCM lacks and a flow map's velocity needs. ``learned_weight`` is sCM's
+    adaptive weighting ``exp(-w) L + w`` (the two-time weight at ``(s, 1)``). The current
+    parameters are the tangent's network (sCM's ``theta^-``, no EMA). A map trained only to the
+    data end takes several jumps by re-noising (``gamma = 1`` jumps), not by chaining. State:
+    the learned weight only.
+    """
+
+    def __init__(
+        self,
+        path: AffinePath,
+        teacher: VelocityField | None = None,
+        warmup_steps: int = 10_000,
+        tangent_scale: float | None = 0.1,
+        diagonal_fraction: float = 0.25,
+        time_pairs: TimePairSampler | None = None,
+        learned_weight: bool = False,
+        time_derivative: TimeDerivative = "jvp",
+    ) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        time_pairs = time_pairs or ConsistencyTimePairs(
+            path.schedule, diagonal_fraction=diagonal_fraction
+        )
+        super().__init__(path, time_pairs, learned_weight)
+        self._teacher = _frozen(teacher) if teacher is not None else None
+        self.warmup_steps = warmup_steps
+        self.tangent_scale = tangent_scale
+        self.time_derivative = time_derivative
+
+    @property
+    def teacher(self) -> VelocityField | None:
+        return self._teacher.call if self._teacher is not None else None
+
+    def warmup(self, step: int) -> float:
+        """sCM's tangent warm-up ``r``: ``step / warmup_steps`` up to 1."""
+        return min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+
+    def forward(
+        self,
+        model: FlowMap,
+        batch: dict[str, Tensor],
+        step: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        point, pairs, kw = self._draw(batch, generator)
+        warmup = self.warmup(step)
+
+        def diagonal(rows: slice) -> Tensor:
+            return diagonal_flow_matching_loss(
+                model, point.x_t[rows], pairs.t[rows], point.velocity[rows], _rows(kw, rows)
+            )
+
+        def consistency(rows: slice) -> Tensor:
+            x_s, s, t, row_kw = point.x_t[rows], pairs.s[rows], pairs.t[rows], _rows(kw, rows)
+            teacher = self.teacher
+            if teacher is None:
+                velocity = point.velocity[rows]
+            else:
+                with torch.no_grad():
+                    velocity = teacher(x_s, s, **row_kw)
+            return continuous_consistency_loss(
+                model,
+                x_s,
+                s,
+                t,
+                velocity,
+                warmup,
+                self.tangent_scale,
+                row_kw,
+                self.time_derivative,
+            )
+
+        return self._weigh(_diagonal_then_off(pairs, diagonal, consistency), pairs)

@@ -115,7 +115,7 @@ def euler_maruyama_stepper(
     return step
 
 
-def _time_of_noise_ratio(schedule: Schedule, ratio: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+def time_of_noise_ratio(schedule: Schedule, ratio: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """The time ``u`` in ``[lo, hi]`` with ``sigma(u) / alpha(u) = ratio``, by bisection.
 
     The ratio is decreasing in time on every schedule of ``flowmatch.paths``; 64 halvings of
@@ -171,7 +171,7 @@ def gamma_stepper(
 
         lam_t, lam_end = lam(target), lam(t_end)
         wanted = lam_end + math.sqrt(1.0 - gamma**2) * (lam_t - lam_end)
-        u = _time_of_noise_ratio(schedule, wanted, target, t_end.expand_as(target))
+        u = time_of_noise_ratio(schedule, wanted, target, t_end.expand_as(target))
         u = torch.where(wanted >= lam_t, target, torch.where(wanted <= lam_end, t_end, u))
     u[-1] = t_end[0]  # the last step is a plain jump
     scale = schedule.alpha(target) / schedule.alpha(u)
