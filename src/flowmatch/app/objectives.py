@@ -19,6 +19,7 @@ from torch import Tensor
 
 from flowmatch.losses import (
     AlphaFlowObjective,
+    ContinuousConsistencyObjective,
     FlowMatchingObjective,
     ImprovedMeanFlowObjective,
     MapDistillationObjective,
@@ -27,6 +28,7 @@ from flowmatch.losses import (
     SelfDistillationObjective,
     ShortcutObjective,
     SplitMeanFlowObjective,
+    TerminalVelocityObjective,
     esd,
     eulerian_map_distillation_loss,
     lagrangian_map_distillation_loss,
@@ -122,6 +124,19 @@ def _power(parts: Parts) -> float:
     return parts.config.objective.adaptive_power
 
 
+def _consistency(
+    parts: Parts, teacher: Callable[..., Tensor] | None
+) -> ContinuousConsistencyObjective:
+    cfg = parts.config
+    return ContinuousConsistencyObjective(
+        parts.path,
+        teacher=teacher,
+        warmup_steps=max(1, cfg.train.steps // 10),
+        learned_weight=cfg.objective.learned_weight,
+        time_derivative=cfg.objective.time_derivative,
+    )
+
+
 def _progressive(parts: Parts) -> ProgressiveMapDistillationObjective:
     assert parts.teacher is not None
     learned = parts.config.objective.learned_weight
@@ -195,6 +210,18 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
             parts.path, learned_weight=parts.config.objective.learned_weight
         ),
     ),
+    "tvm": ObjectiveEntry(
+        "flow map by Terminal Velocity Matching (arXiv 2511.19797)",
+        "flow_map",
+        lambda parts: TerminalVelocityObjective(
+            parts.path, time_derivative=parts.config.objective.time_derivative
+        ),
+    ),
+    "sct": ObjectiveEntry(
+        "consistency model X_{s,1} by continuous-time consistency training (Lu & Song 2024)",
+        "flow_map",
+        lambda parts: _consistency(parts, teacher=None),
+    ),
     "lmd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Lagrangian (Boffi et al. 2024)",
         "flow_map",
@@ -211,6 +238,12 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         "flow map distilled progressively from a teacher (Boffi et al. 2024)",
         "flow_map",
         _progressive,
+        **_DISTILLED,
+    ),
+    "scd": ObjectiveEntry(
+        "consistency model X_{s,1} distilled from a teacher velocity (Lu & Song 2024)",
+        "flow_map",
+        lambda parts: _consistency(parts, teacher=parts.teacher),
         **_DISTILLED,
     ),
     "reflow": ObjectiveEntry(
