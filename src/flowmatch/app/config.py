@@ -15,11 +15,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 from flowmatch.data import IMAGE_SETS, TOY_DATASETS
 from flowmatch.nets.mlp import ACTIVATIONS
-from flowmatch.solvers import METHODS
+from flowmatch.paths import Schedule
+from flowmatch.solvers import METHODS, ConstantDiffusion, VanishingDiffusion
 from flowmatch.training.config import (
     MAX_BATCH,
     MAX_SEED,
@@ -32,8 +35,8 @@ from flowmatch.training.config import (
 from flowmatch.training.files import RunFileError, read_text
 
 MAX_WIDTH = 1 << 16  # hidden units or channels: far beyond any network trained here
-ODE_SOLVERS = tuple(m for m in METHODS if m != "flow_map")
-SOLVERS = (*ODE_SOLVERS, "flow_map")
+ODE_SOLVERS = tuple(m for m in METHODS if m not in ("flow_map", "euler_maruyama"))
+SOLVERS = (*ODE_SOLVERS, "euler_maruyama", "flow_map")  # the last two sample stochastically too
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
@@ -242,6 +245,67 @@ class RunConfig:
                 f"use model.kind={want}"
             )
         check_range("train.seed", self.train.seed, 0, MAX_SEED)
+
+
+DIFFUSION_SCHEDULES = {"constant": ConstantDiffusion, "vanishing": VanishingDiffusion}
+
+
+@dataclass(frozen=True)
+class SamplerNoise:
+    """The noise of the stochastic samplers (see ``flowmatch.solvers.sde``): ``diffusion`` is the
+    scale of ``eps_t`` and ``diffusion_schedule`` its shape for ``euler_maruyama`` (defaults 1.0
+    and ``vanishing``, ``eps_t = 4 scale t (1 - t)``); ``gamma`` in [0, 1] re-noises between the
+    jumps of ``flow_map``. ``None`` everywhere: the deterministic samplers."""
+
+    diffusion: float | None = None
+    diffusion_schedule: str | None = None
+    gamma: float | None = None
+
+    def check(self, method: str) -> None:
+        """``ConfigError`` for values out of range or options that do not apply to ``method``."""
+        if method != "euler_maruyama":
+            for flag, value in (
+                ("--diffusion", self.diffusion),
+                ("--diffusion-schedule", self.diffusion_schedule),
+            ):
+                if value is not None:
+                    raise ConfigError(f"{flag} applies to --solver euler_maruyama, not {method}")
+        scale = self.diffusion
+        if scale is not None and not (math.isfinite(scale) and scale >= 0):
+            raise ConfigError(f"--diffusion must be a finite number >= 0, got {self.diffusion}")
+        schedule = self.diffusion_schedule
+        if schedule is not None and schedule not in DIFFUSION_SCHEDULES:
+            raise ConfigError(
+                f"--diffusion-schedule must be one of {', '.join(DIFFUSION_SCHEDULES)}, "
+                f"got {schedule!r}"
+            )
+        if self.gamma is not None:
+            if method != "flow_map":
+                raise ConfigError(f"--gamma applies to --solver flow_map, not {method}")
+            if not 0.0 <= self.gamma <= 1.0:
+                raise ConfigError(f"--gamma must lie in [0, 1], got {self.gamma}")
+
+    def integrate_kwargs(
+        self, schedule: Schedule, method: str, generator: torch.Generator
+    ) -> dict[str, Any]:
+        """The stochastic keywords of ``integrate`` for ``method`` on the path of ``schedule``."""
+        if method == "euler_maruyama":
+            shape = DIFFUSION_SCHEDULES[self.diffusion_schedule or "vanishing"]
+            diffusion = shape(1.0 if self.diffusion is None else self.diffusion)
+            return {"schedule": schedule, "diffusion": diffusion, "generator": generator}
+        if method == "flow_map" and self.gamma is not None:
+            return {"schedule": schedule, "gamma": self.gamma, "generator": generator}
+        return {}
+
+    def label(self, method: str) -> str:
+        """``method`` with its noise, for file names: ``euler_maruyama-vanishing1.0``,
+        ``flow_map-gamma0.5``; the method alone for the deterministic samplers."""
+        if method == "euler_maruyama":
+            scale = 1.0 if self.diffusion is None else self.diffusion
+            return f"{method}-{self.diffusion_schedule or 'vanishing'}{scale}"
+        if method == "flow_map" and self.gamma is not None:
+            return f"{method}-gamma{self.gamma}"
+        return method
 
 
 SECTIONS_WITH_NAME = ("data", "objective")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from flowmatch import plotting
 from flowmatch.app.build import build_data
+from flowmatch.app.config import SamplerNoise
 from flowmatch.app.run_folder import RunFolder
 from flowmatch.app.runs import Run, load_run
 from flowmatch.data import ImageDataset, load_image_set, to_model_space
@@ -44,10 +45,16 @@ def default_method(run: Run) -> str:
 
 
 def check_sampling(
-    run: Run, method: str, steps: int | None, n: int, guidance: float | None
+    run: Run,
+    method: str,
+    steps: int | None,
+    n: int,
+    guidance: float | None,
+    noise: SamplerNoise | None = None,
 ) -> None:
     """``ConfigError`` (one line, before any work) for sampling arguments that are out of range
     or do not apply to ``run``."""
+    (noise or SamplerNoise()).check(method)
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")
     if steps is not None and steps < 1:
@@ -78,13 +85,17 @@ def generate(
     guidance: float | None = None,
     labels: Tensor | None = None,
     return_trajectory: bool = False,
+    noise: SamplerNoise | None = None,
 ) -> IntegrationResult:
     """``n`` samples of the run from source draws of ``seed``.
 
     ``method="flow_map"`` jumps with the learned map (``steps`` jumps, default 1); the ODE
     methods integrate the velocity (a flow map's diagonal). Conditional runs take ``labels [n]``
-    (default: classes in turn) and an optional ``guidance`` scale.
+    (default: classes in turn) and an optional ``guidance`` scale. ``noise`` sets the stochastic
+    samplers (``euler_maruyama``, ``flow_map`` with ``gamma``), which draw from the same
+    generator as the source, after it.
     """
+    noise = noise or SamplerNoise()
     method = method or default_method(run)
     generator = torch.Generator().manual_seed(seed)
     x0 = run.source(n, generator)
@@ -93,7 +104,7 @@ def generate(
         if labels is None:
             labels = torch.arange(n) % run.spec.num_classes
         model_kwargs["y"] = labels
-    check_sampling(run, method, steps, n, guidance)
+    check_sampling(run, method, steps, n, guidance, noise)
     field: VelocityField | TwoTimeField
     if method == "flow_map":
         field, steps = run.model, steps or 1
@@ -109,6 +120,7 @@ def generate(
             steps=None if method == "dopri5" else steps,
             model_kwargs=model_kwargs,
             return_trajectory=return_trajectory,
+            **noise.integrate_kwargs(run.path.schedule, method, generator),
         )
 
 
@@ -128,10 +140,16 @@ class SampleQuality:
 
 
 def sample_quality(
-    run: Run, target: Any, method: str, steps: int | None, n: int, seed: int = 0
+    run: Run,
+    target: Any,
+    method: str,
+    steps: int | None,
+    n: int,
+    seed: int = 0,
+    noise: SamplerNoise | None = None,
 ) -> SampleQuality:
     """Energy distance and exact W2 of the run's samples against ``target.sample``."""
-    result = generate(run, n, method=method, steps=steps, seed=seed)
+    result = generate(run, n, method=method, steps=steps, seed=seed, noise=noise)
     generator = torch.Generator().manual_seed(seed + 1)
     reference, other = target.sample(n, generator), target.sample(n, generator)
     samples = result.x.float()
@@ -209,6 +227,7 @@ def image_quality(
     seed: int = 0,
     guidance: float | None = None,
     inception_weights: str | None = None,
+    noise: SamplerNoise | None = None,
 ) -> ImageQuality:
     """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
     features of the dataset's shipped classifier or, given the local weights file of
@@ -224,7 +243,7 @@ def image_quality(
             f"{', '.join(FEATURE_EXTRACTORS)}); pass --inception-weights FILE"
         )
     reference = to_model_space(reference[:n], run.spec.levels or 256)
-    result = generate(run, n, method=method, steps=steps, seed=seed, guidance=guidance)
+    result = generate(run, n, method=method, steps=steps, seed=seed, guidance=guidance, noise=noise)
     generator = torch.Generator().manual_seed(seed + 3)
     metrics = image_metrics(
         result.x, reference, extractor, kid_subset_size=min(1000, n // 2), generator=generator
@@ -317,34 +336,42 @@ def evaluate_run(
     guidance: float | None = None,
     inception_weights: str | None = None,
     nll: bool = True,
+    noise: SamplerNoise | None = None,
 ) -> dict[str, Any]:
     """The report of ``flowmatch eval``: quality at each step count and the likelihood.
 
     2-D toy runs: energy distance and W2 against fresh target samples and the NLL beside the
     exact value; image runs: Frechet distance, KID and precision/recall in shipped classifier
-    (or Inception-v3) features against the test split, and bits/dim.
+    (or Inception-v3) features against the test split, and bits/dim. ``noise`` sets the
+    stochastic samplers; the report's ``sampler`` names the method with its noise.
     """
+    noise = noise or SamplerNoise()
     method = method or default_method(run)
     n = run.config.eval.samples if n is None else n
     requested: list[int | None] = [*steps] if steps else [None]
     for count in requested:
-        check_sampling(run, method, count, n, guidance)
+        check_sampling(run, method, count, n, guidance, noise)
     if inception_weights is not None and len(run.spec.shape) != 3:
         raise ConfigError("--inception-weights applies to image runs")
     counts: list[int | None] = [None]  # dopri5 picks its own steps
     if method != "dopri5":
         counts = [*steps] if steps else [run.config.eval.steps or 16]
     report: dict[str, Any] = {"run": str(run.run_dir), "step": run.step, "method": method}
+    report.update(sampler=noise.label(method), noise=asdict(noise))
     if len(run.spec.shape) == 3:
-        report.update(_image_report(run, method, counts, n, seed, guidance, inception_weights, nll))
+        report.update(
+            _image_report(run, method, counts, n, seed, guidance, inception_weights, nll, noise)
+        )
     else:
         if guidance is not None:
             raise ConfigError("--guidance applies to class-conditional image runs")
-        report.update(_vector_report(run, method, counts, n, seed, nll))
+        report.update(_vector_report(run, method, counts, n, seed, nll, noise))
     return report
 
 
-def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: bool) -> dict:
+def _vector_report(
+    run: Run, method: str, counts: list, n: int, seed: int, nll: bool, noise: SamplerNoise
+) -> dict:
     data = build_data(run.config)
     if data.target is None:
         raise ConfigError(
@@ -353,7 +380,9 @@ def _vector_report(run: Run, method: str, counts: list, n: int, seed: int, nll: 
         )
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
-        return asdict(sample_quality(of, data.target, how, steps, n, seed))
+        # the noise is the run's sampler's, not the teacher's Euler comparison
+        own = noise if how == method else None
+        return asdict(sample_quality(of, data.target, how, steps, n, seed, own))
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
     if nll:
@@ -376,12 +405,16 @@ def _image_report(
     guidance: float | None,
     inception_weights: str | None,
     nll: bool,
+    noise: SamplerNoise,
 ) -> dict:
     cfg = run.config.data
     test = load_image_set(cfg.name, cfg.path, "test")
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
-        quality = image_quality(of, test.images, how, steps, n, seed, guidance, inception_weights)
+        own = noise if how == method else None  # as in _vector_report
+        quality = image_quality(
+            of, test.images, how, steps, n, seed, guidance, inception_weights, own
+        )
         return asdict(quality)
 
     report: dict = {"metric": "frechet_distance", **_quality_rows(run, method, counts, measure)}
@@ -392,13 +425,15 @@ def _image_report(
 
 
 def write_report(run: Run, report: dict[str, Any], steps: list[int] | None) -> Path:
-    """``eval-METHOD[-STEPS].json`` in the run folder, and its quality-versus-steps plot."""
+    """``eval-SAMPLER[-STEPS].json`` in the run folder (``SAMPLER``: the method with its noise,
+    :meth:`SamplerNoise.label`), and its quality-versus-steps plot."""
     folder = RunFolder(run.run_dir)
-    path = folder.eval_report(report["method"], steps)
+    sampler = report["sampler"]
+    path = folder.eval_report(sampler, steps)
     folder.write_json(path, report)
     rows, metric = report["quality"], report["metric"]
     if len(rows) > 1:
-        curves = {report["method"]: {r["steps"]: r[metric] for r in rows}}
+        curves = {sampler: {r["steps"]: r[metric] for r in rows}}
         if "teacher_euler" in report:
             curves["teacher euler"] = {r["steps"]: r[metric] for r in report["teacher_euler"]}
         check_inside(path.with_suffix(".png").parent, folder.root)

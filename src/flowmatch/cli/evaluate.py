@@ -5,7 +5,10 @@ from __future__ import annotations
 
 def print_report(report: dict) -> None:
     rows = report["quality"]
-    print(f"{report['run']} at step {report['step']}: {rows[0]['n']} samples per metric")
+    print(
+        f"{report['run']} at step {report['step']}, {report['sampler']}: "
+        f"{rows[0]['n']} samples per metric"
+    )
     if report["metric"] == "energy":
         print(f"{'steps':>6} {'NFE':>5} {'energy':>10} {'(noise)':>10} {'W2':>8} {'(noise)':>8}")
         for r in rows:

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import torch
 
-from flowmatch.app.config import SOLVERS, RunConfig
+from flowmatch.app.config import DIFFUSION_SCHEDULES, SOLVERS, RunConfig, SamplerNoise
 from flowmatch.app.objectives import DISTILLATIONS, OBJECTIVES
 from flowmatch.app.presets import PRESETS
 from flowmatch.training.checkpoint import CheckpointError
@@ -47,6 +47,31 @@ def _steps_list(text: str) -> list[int]:
     if not steps or min(steps) < 1:
         raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
     return steps
+
+
+def _add_noise_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the stochastic samplers (``SamplerNoise``)."""
+    parser.add_argument(
+        "--diffusion",
+        type=float,
+        metavar="C",
+        help="euler_maruyama: scale of the diffusion eps_t (default 1; 0 is Euler)",
+    )
+    parser.add_argument(
+        "--diffusion-schedule",
+        choices=list(DIFFUSION_SCHEDULES),
+        help="euler_maruyama: eps_t = C (constant) or 4 C t (1 - t) (vanishing, the default)",
+    )
+    parser.add_argument(
+        "--gamma",
+        type=float,
+        metavar="G",
+        help="flow_map: re-noise between the jumps, G in [0, 1] (0: deterministic jumps)",
+    )
+
+
+def _noise(args: argparse.Namespace) -> SamplerNoise:
+    return SamplerNoise(args.diffusion, args.diffusion_schedule, args.gamma)
 
 
 def _config_keys_help() -> str:
@@ -116,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     sample.add_argument("--trajectories", action="store_true", help="also draw the paths (2-D)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    _add_noise_options(sample)
 
     evaluate = commands.add_parser("eval", help="measure a trained run")
     evaluate.add_argument("run_dir", type=Path)
@@ -126,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, help="samples per metric (default: eval.samples)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    _add_noise_options(evaluate)
     evaluate.add_argument(
         "--inception-weights",
         help="images: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (checked by its hash) "
@@ -187,7 +214,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     run = load_run(args.run_dir)
     method = args.solver or default_method(run)
-    check_sampling(run, method, args.steps, args.n, args.guidance)
+    noise = _noise(args)
+    check_sampling(run, method, args.steps, args.n, args.guidance, noise)
     result = generate(
         run,
         args.n,
@@ -196,6 +224,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         guidance=args.guidance,
         return_trajectory=args.trajectories,
+        noise=noise,
     )
     written = write_samples(run, result, args.out)
     print(f"wrote {' and '.join(map(str, written))} ({args.n} samples, {result.nfe} NFE)")
@@ -216,6 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         inception_weights=args.inception_weights,
         nll=not args.no_nll,
+        noise=_noise(args),
     )
     write_report(run, report, args.steps)
     if args.json:
