@@ -32,13 +32,16 @@ def cfm_loss(
     x0: Tensor | None = None,
     t: Tensor | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    condition: Tensor | None = None,
 ) -> Tensor:
     """Per-sample conditional flow-matching loss ``[B]``, the squared error averaged over dims.
 
     ``x1: [B, *dims]`` data. ``x0`` defaults to ``N(0, I)`` draws (the noise of the path
     ``x_t = alpha x1 + sigma x0``, so for VE the source ``N(0, sigma_max^2 I)`` is ``sigma(0) x0``);
     ``coupling(x0, x1)`` then reorders ``x0`` only, so ``x1`` and ``model_kwargs`` (labels) stay
-    aligned. ``t: [B]`` defaults to ``time_sampler`` draws, by default uniform on the schedule's
+    aligned; with ``condition`` (the labels or contexts of ``x1``) it is passed to the coupling,
+    which then pairs within conditions (:mod:`flowmatch.couplings`). ``t: [B]`` defaults to
+    ``time_sampler`` draws, by default uniform on the schedule's
     ``[t_min, t_max]``. ``model(x_t, t, **model_kwargs)`` must return the shape of ``x1``.
     """
     if x1.dim() < 2:
@@ -46,8 +49,10 @@ def cfm_loss(
     batch = x1.shape[0]
     if x0 is None:
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-    if coupling is not None:
+    if coupling is not None and condition is None:
         x0 = coupling(x0, x1, generator=generator)
+    elif coupling is not None:
+        x0 = coupling(x0, x1, generator=generator, condition=condition)
     if t is None:
         if time_sampler is None:
             schedule = path.schedule
@@ -66,7 +71,9 @@ class FlowMatchingObjective:
     """The training-loop objective of conditional flow matching: :func:`cfm_loss` on a batch.
 
     ``objective(model, batch, step, generator) -> [B]`` with ``batch["x1"]`` the data and an
-    optional ``batch["y"]`` passed to the model as ``y=``. It holds no state.
+    optional ``batch["y"]`` passed to the model as ``y=`` and to the coupling as its condition
+    (condition-aware OT pairs within labels; dropped labels, the null class, form one more group
+    of unconditional pairs). It holds no state.
     """
 
     path: AffinePath
@@ -89,6 +96,7 @@ class FlowMatchingObjective:
             time_sampler=self.time_sampler,
             generator=generator,
             model_kwargs=model_kwargs,
+            condition=batch.get("y"),
         )
 
     def state_dict(self) -> dict[str, Any]:
