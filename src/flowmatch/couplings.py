@@ -13,8 +13,9 @@ longer ``N(0, I)`` while sampling draws it so. With ``condition`` given, the OT 
 labels) pairs only within each label, each group by its own OT (the paper's exact discrete
 case); a float ``condition [B, *dims]`` (a context vector) adds ``condition_weight |c_i - c_j|^2``
 to the cost of pairing ``x0_i`` with ``x1_j`` (the paper's relaxed cost, there with a cosine
-distance for embeddings). Within a label the draws are still i.i.d. ``N(0, I)``, so the
-conditional prior stays unskewed.
+distance for embeddings); rows of a float condition with a NaN (contexts dropped for guidance)
+are paired among themselves by plain OT. Within a label the draws are still i.i.d.
+``N(0, I)``, so the conditional prior stays unskewed.
 
 - :class:`IndependentCoupling`: keep the independent draw (plain flow matching).
 - :class:`ExactOTCoupling`: the minibatch optimal-transport permutation (Tong et al. 2023,
@@ -94,6 +95,11 @@ def _check_condition(condition: Tensor, x1: Tensor) -> None:
         raise ValueError(f"integer conditions (labels) must be [batch], got {shape}")
 
 
+def _missing(condition: Tensor) -> Tensor:
+    """``[B]`` bool: the rows of a float condition with a NaN (no context)."""
+    return condition.reshape(condition.shape[0], -1).isnan().any(dim=1)
+
+
 def _within_labels(labels: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
     """The permutation that pairs only within each label: ``solve(index)`` pairs the samples at
     ``index`` (one label's, in batch order) and returns a permutation of ``range(len(index))``."""
@@ -167,9 +173,15 @@ class ExactOTCoupling:
     def _block(self, x0: Tensor, x1: Tensor, condition: Tensor | None) -> Tensor:
         if condition is None:
             return ot_permutation(x0, x1)
-        if condition.is_floating_point():
-            return ot_permutation(x0, x1, condition_cost(condition, self.condition_weight))
-        return _within_labels(condition, lambda i: ot_permutation(x0[i], x1[i]))
+        if not condition.is_floating_point():
+            return _within_labels(condition, lambda i: ot_permutation(x0[i], x1[i]))
+        missing = _missing(condition)
+        if bool(missing.any()):
+            return _within_labels(
+                missing.long(),
+                lambda i: self._block(x0[i], x1[i], None if missing[i[0]] else condition[i]),
+            )
+        return ot_permutation(x0, x1, condition_cost(condition, self.condition_weight))
 
     def __call__(
         self,
@@ -246,10 +258,16 @@ class SinkhornCoupling:
         if condition is None:
             return round_to_permutation(self.log_plan(x0, x1), self.rounding_rounds)
         _check_condition(condition, x1)
-        if condition.is_floating_point():
-            extra = condition_cost(condition, self.condition_weight)
-            return round_to_permutation(self.log_plan(x0, x1, extra), self.rounding_rounds)
-        return _within_labels(condition, lambda i: self.permutation(x0[i], x1[i]))
+        if not condition.is_floating_point():
+            return _within_labels(condition, lambda i: self.permutation(x0[i], x1[i]))
+        missing = _missing(condition)
+        if bool(missing.any()):
+            return _within_labels(
+                missing.long(),
+                lambda i: self.permutation(x0[i], x1[i], None if missing[i[0]] else condition[i]),
+            )
+        extra = condition_cost(condition, self.condition_weight)
+        return round_to_permutation(self.log_plan(x0, x1, extra), self.rounding_rounds)
 
     def __call__(
         self,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from flowmatch.data import IMAGE_SETS, TOY_DATASETS
+from flowmatch.data.contextual import CONTEXT_DATASETS
 from flowmatch.nets.mlp import ACTIVATIONS
 from flowmatch.paths import Schedule
 from flowmatch.solvers import METHODS, ConstantDiffusion, VanishingDiffusion
@@ -53,7 +54,8 @@ def _check_sizes(name: str, values: tuple[int, ...], low: int, high: int) -> Non
 class DataConfig:
     """Where the training data comes from.
 
-    ``name``: a 2-D toy (checkerboard, eight-gaussians, moons, rings, spirals, gmm), ``array``
+    ``name``: a 2-D toy (checkerboard, eight-gaussians, moons, rings, spirals, gmm), a 2-D toy
+    with a context per sample (gaussian-context: ``x | c ~ N(c, 0.25^2 I)``), ``array``
     (the user's ``.npy``/``.pt`` file at ``path``), or an image set (digits, mnist,
     fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits).
     """
@@ -64,7 +66,8 @@ class DataConfig:
     conditional: bool = False  # image sets with labels: train a class-conditional model
 
     def __post_init__(self) -> None:
-        _check_choice("name", self.name, [*TOY_DATASETS, "array", *IMAGE_SETS])
+        names = [*TOY_DATASETS, *CONTEXT_DATASETS, "array", *IMAGE_SETS]
+        _check_choice("name", self.name, names)
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
         reads_files = self.name == "array" or (self.name in IMAGE_SETS and self.name != "digits")
         if self.path is not None and not reads_files:
@@ -138,6 +141,9 @@ class PathConfig:
     coupling: Literal["independent", "exact-ot", "sinkhorn"] = "independent"
     ot_block_size: int | None = None  # exact-ot: pair blocks of this size (a fraction of the cost)
     time_sampler: Literal["uniform", "logit-normal"] = "uniform"
+    condition_aware: bool = True  # OT couplings on labelled / context data pair within
+    # conditions (C2OT); false: plain OT, which ignores them
+    condition_weight: float = 1.0  # OT on context data: weight of |c_i - c_j|^2 in the cost
 
     def __post_init__(self) -> None:
         check_range("sigma_min", self.sigma_min, 0.0, 1.0, high_open=True)
@@ -146,6 +152,7 @@ class PathConfig:
         check_range("ot_block_size", self.ot_block_size, 1, MAX_BATCH, optional=True)
         if self.ot_block_size is not None and self.coupling != "exact-ot":
             raise ConfigError(f"ot_block_size applies to coupling=exact-ot, not {self.coupling}")
+        check_range("condition_weight", self.condition_weight, 0.0, 1e12)
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ class ObjectiveConfig:
     """
 
     name: str = "fm"
-    label_dropout: float = 0.1  # conditional models: share of null labels (guidance)
+    label_dropout: float = 0.1  # conditional models: share of null labels or contexts (guidance)
     diagonal_fraction: float = 0.75  # flow maps: share of the batch on the diagonal s = t
     learned_weight: bool = False  # flow maps: learned two-time weight e^-w L + w (unstable on
     # small runs here: it can favour the trivial self-consistent map; docs/flow-maps.md)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,8 +67,8 @@ def check_sampling(
     if guidance is not None:
         if not math.isfinite(guidance):
             raise ConfigError(f"--guidance must be a finite number, got {guidance}")
-        if run.spec.num_classes is None:
-            raise ConfigError("--guidance needs a class-conditional run")
+        if run.spec.num_classes is None and run.spec.context_dim is None:
+            raise ConfigError("--guidance needs a class- or context-conditional run")
         if method == "flow_map":
             raise ConfigError(
                 "--guidance acts on velocities: use an ODE solver with it, or distil the "
@@ -86,12 +87,15 @@ def generate(
     labels: Tensor | None = None,
     return_trajectory: bool = False,
     noise: SamplerNoise | None = None,
+    contexts: Tensor | None = None,
 ) -> IntegrationResult:
     """``n`` samples of the run from source draws of ``seed``.
 
     ``method="flow_map"`` jumps with the learned map (``steps`` jumps, default 1); the ODE
     methods integrate the velocity (a flow map's diagonal). Conditional runs take ``labels [n]``
-    (default: classes in turn) and an optional ``guidance`` scale. ``noise`` sets the stochastic
+    (default: classes in turn), context-conditioned runs ``contexts [n, C]`` or one ``[C]`` for
+    all (rows of NaN: no context), both with an optional ``guidance`` scale. ``noise`` sets the
+    stochastic
     samplers (``euler_maruyama``, ``flow_map`` with ``gamma``), which draw from the same
     generator as the source, after it.
     """
@@ -104,6 +108,10 @@ def generate(
         if labels is None:
             labels = torch.arange(n) % run.spec.num_classes
         model_kwargs["y"] = labels
+    if run.spec.context_dim is not None:
+        model_kwargs["context"] = _check_contexts(run, contexts, n)
+    elif contexts is not None:
+        raise ConfigError("contexts apply to context-conditioned runs (data with a context)")
     check_sampling(run, method, steps, n, guidance, noise)
     field: VelocityField | TwoTimeField
     if method == "flow_map":
@@ -122,6 +130,33 @@ def generate(
             return_trajectory=return_trajectory,
             **noise.integrate_kwargs(run.path.schedule, method, generator),
         )
+
+
+def _check_contexts(run: Run, contexts: Tensor | None, n: int) -> Tensor:
+    """``contexts`` as ``[n, context_dim]`` (one row broadcast to all); ``ConfigError`` for a
+    missing or misshapen one."""
+    dim = run.spec.context_dim
+    if contexts is None:
+        raise ConfigError(f"a context-conditioned run needs contexts ([n, {dim}]): --context FILE")
+    contexts = torch.as_tensor(contexts, dtype=torch.get_default_dtype())
+    if contexts.dim() == 1 and contexts.shape[0] == dim:
+        contexts = contexts.expand(n, -1)
+    elif contexts.dim() == 1 and dim == 1:
+        contexts = contexts[:, None]
+    if contexts.shape != (n, dim):
+        raise ConfigError(f"contexts must be [{dim}] or [n={n}, {dim}], got {list(contexts.shape)}")
+    return contexts
+
+
+def read_contexts(path: Path) -> Tensor:
+    """The contexts in the ``.npy`` file ``path`` (``[C]`` or ``[n, C]``, float)."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable .npy array ({error})") from None
+    if not np.issubdtype(values.dtype, np.number):
+        raise ConfigError(f"{path}: contexts must be numbers, got dtype {values.dtype}")
+    return torch.as_tensor(values.astype(np.float64))
 
 
 @dataclass
@@ -148,8 +183,12 @@ def sample_quality(
     seed: int = 0,
     noise: SamplerNoise | None = None,
 ) -> SampleQuality:
-    """Energy distance and exact W2 of the run's samples against ``target.sample``."""
-    result = generate(run, n, method=method, steps=steps, seed=seed, noise=noise)
+    """Energy distance and exact W2 of the run's samples against ``target.sample``; a
+    context-conditioned run samples at contexts drawn from the target (the marginal)."""
+    contexts = None
+    if run.spec.context_dim is not None:
+        contexts = target.sample_context(n, torch.Generator().manual_seed(seed + 5))
+    result = generate(run, n, method=method, steps=steps, seed=seed, noise=noise, contexts=contexts)
     generator = torch.Generator().manual_seed(seed + 1)
     reference, other = target.sample(n, generator), target.sample(n, generator)
     samples = result.x.float()
@@ -162,6 +201,56 @@ def sample_quality(
         energy_noise=float(energy_distance(other, reference)),
         w2=float(wasserstein2(samples, reference)),
         w2_noise=float(wasserstein2(other, reference)),
+    )
+
+
+@dataclass
+class ContextQuality:
+    """``n`` samples of a context-conditioned run at one ``context`` against the target's exact
+    conditional law there: the error of the sample mean, the sample's standard deviation (mean
+    over dimensions) beside the exact one, and W2 against ``n`` fresh conditional draws with its
+    noise level."""
+
+    context: list[float]
+    method: str
+    steps: int | None
+    nfe: int
+    n: int
+    mean_error: float
+    std: float
+    exact_std: float
+    w2: float
+    w2_noise: float
+
+
+def context_quality(
+    run: Run,
+    target: Any,
+    context: Tensor,
+    method: str,
+    steps: int | None,
+    n: int,
+    seed: int = 0,
+    noise: SamplerNoise | None = None,
+) -> ContextQuality:
+    """Per-condition quality of ``run`` at ``context`` against ``target.conditional_sample``."""
+    result = generate(run, n, method=method, steps=steps, seed=seed, noise=noise, contexts=context)
+    generator = torch.Generator().manual_seed(seed + 6)
+    rows = context.expand(n, -1)
+    reference = target.conditional_sample(rows, generator)
+    other = target.conditional_sample(rows, generator)
+    samples = result.x.float()
+    return ContextQuality(
+        context=context.tolist(),
+        method=method,
+        steps=steps if method != "dopri5" else None,
+        nfe=result.nfe,
+        n=n,
+        mean_error=float((samples.mean(0) - context).norm()),
+        std=float(samples.std(0).mean()),
+        exact_std=float(target.std),
+        w2=float(wasserstein2(samples, reference.float())),
+        w2_noise=float(wasserstein2(other.float(), reference.float())),
     )
 
 
@@ -385,7 +474,13 @@ def _vector_report(
         return asdict(sample_quality(of, data.target, how, steps, n, seed, own))
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
-    if nll:
+    if run.spec.context_dim is not None:
+        report["per_context"] = [
+            asdict(context_quality(run, data.target, torch.tensor(c), method, s, n, seed, noise))
+            for c in data.target.eval_contexts
+            for s in counts
+        ]
+    if nll and run.spec.context_dim is None:  # context runs: per-context rows instead
         n_nll = run.config.eval.nll_samples
         report["likelihood"] = asdict(likelihood(run, data.target, n_nll, seed))
         if run.is_flow_map and run.config.objective.both_orders:

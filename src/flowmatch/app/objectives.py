@@ -85,7 +85,10 @@ class ObjectiveEntry:
 
 def _flow_matching(parts: Parts) -> FlowMatchingObjective:
     return FlowMatchingObjective(
-        parts.path, coupling=parts.coupling, time_sampler=parts.time_sampler
+        parts.path,
+        coupling=parts.coupling,
+        time_sampler=parts.time_sampler,
+        condition_aware=parts.config.path.condition_aware,
     )
 
 

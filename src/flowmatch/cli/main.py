@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     sample.add_argument("--trajectories", action="store_true", help="also draw the paths (2-D)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    sample.add_argument(
+        "--context",
+        type=Path,
+        metavar="FILE",
+        help="context-conditioned runs: a .npy of one context [C] for all samples or one per "
+        "sample [n, C] (a row of NaN: no context)",
+    )
     _add_noise_options(sample)
 
     evaluate = commands.add_parser("eval", help="measure a trained run")
@@ -209,13 +216,20 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from flowmatch.app.evaluation import check_sampling, default_method, generate, write_samples
+    from flowmatch.app.evaluation import (
+        check_sampling,
+        default_method,
+        generate,
+        read_contexts,
+        write_samples,
+    )
     from flowmatch.app.runs import load_run
 
     run = load_run(args.run_dir)
     method = args.solver or default_method(run)
     noise = _noise(args)
     check_sampling(run, method, args.steps, args.n, args.guidance, noise)
+    contexts = None if args.context is None else read_contexts(args.context)
     result = generate(
         run,
         args.n,
@@ -225,6 +239,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         return_trajectory=args.trajectories,
         noise=noise,
+        contexts=contexts,
     )
     written = write_samples(run, result, args.out)
     print(f"wrote {' and '.join(map(str, written))} ({args.n} samples, {result.nfe} NFE)")

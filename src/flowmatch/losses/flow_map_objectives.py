@@ -4,7 +4,8 @@ This module owns the wrappers that turn the losses of :mod:`flowmatch.losses.flo
 training loop's objective interface ``objective(model, batch, step, generator) -> loss [B]``:
 they draw the path's noise ``x0 ~ N(0, I)``, the ``(s, t)`` pairs (by default on the schedule's
 ``[t_min, t_max]``) and any extra randomness from ``generator``, in that order, pass
-``batch["y"]`` to the model as ``y`` when present, and return per-sample losses.
+``batch["y"]`` and ``batch["context"]`` to the model under the same names when present, and
+return per-sample losses.
 Objectives are ``nn.Module``s; their ``state_dict`` holds everything a resumed run needs (the
 learned loss weight, the PFMM phase and teacher-map copy), never a teacher velocity. Which loss
 an objective applies is a function passed in (:func:`lsd`, ``lagrangian_map_distillation_loss``,
@@ -32,6 +33,7 @@ from flowmatch.losses.flow_maps import (
     progressive_map_distillation_loss,
     progressive_self_distillation_loss,
 )
+from flowmatch.losses.flow_matching import conditioning
 from flowmatch.paths.affine import AffinePath, PathSample
 from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
 from flowmatch.solvers.steps import euler_step
@@ -83,8 +85,7 @@ class _FlowMapObjective(nn.Module):
         x1 = batch["x1"]
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         pairs = self.time_pairs(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)
-        model_kwargs = {"y": batch["y"]} if "y" in batch else {}
-        return self.path.sample(x0, x1, pairs.s), pairs, model_kwargs
+        return self.path.sample(x0, x1, pairs.s), pairs, conditioning(batch)
 
     def _weigh(self, loss: Tensor, pairs: TimePairs) -> Tensor:
         return loss if self.loss_weight is None else self.loss_weight.weigh(loss, pairs.s, pairs.t)

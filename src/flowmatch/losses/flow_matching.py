@@ -21,6 +21,12 @@ from flowmatch.shapes import check_same_shape, check_time
 from flowmatch.types import Coupling, TimeSampler, VelocityField
 
 
+def conditioning(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model keywords of a batch: its labels ``y`` and its contexts ``context`` where
+    present (a row of NaN is a dropped context)."""
+    return {key: batch[key] for key in ("y", "context") if key in batch}
+
+
 def cfm_loss(
     model: VelocityField,
     x1: Tensor,
@@ -71,14 +77,17 @@ class FlowMatchingObjective:
     """The training-loop objective of conditional flow matching: :func:`cfm_loss` on a batch.
 
     ``objective(model, batch, step, generator) -> [B]`` with ``batch["x1"]`` the data and an
-    optional ``batch["y"]`` passed to the model as ``y=`` and to the coupling as its condition
-    (condition-aware OT pairs within labels; dropped labels, the null class, form one more group
-    of unconditional pairs). It holds no state.
+    optional ``batch["y"]`` (labels) or ``batch["context"]`` (context vectors) passed to the model
+    under the same name and to the coupling as its condition (condition-aware OT pairs within
+    labels; dropped labels, the null class, and dropped contexts form one more group of
+    unconditional pairs); ``condition_aware=False`` keeps the condition from the coupling (plain
+    OT). It holds no state.
     """
 
     path: AffinePath
     coupling: Coupling | None = None
     time_sampler: TimeSampler | None = None
+    condition_aware: bool = True
 
     def __call__(
         self,
@@ -87,7 +96,10 @@ class FlowMatchingObjective:
         step: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        model_kwargs = {"y": batch["y"]} if "y" in batch else None
+        model_kwargs = conditioning(batch)
+        condition = model_kwargs.get("y", model_kwargs.get("context"))
+        if not self.condition_aware:
+            condition = None
         return cfm_loss(
             model,
             batch["x1"],
@@ -96,7 +108,7 @@ class FlowMatchingObjective:
             time_sampler=self.time_sampler,
             generator=generator,
             model_kwargs=model_kwargs,
-            condition=batch.get("y"),
+            condition=condition,
         )
 
     def state_dict(self) -> dict[str, Any]:
