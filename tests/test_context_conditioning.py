@@ -236,3 +236,34 @@ def test_flow_map_objectives_pass_the_context(tmp_path):
     assert len(seen) == 2 and all(torch.equal(c, torch.tensor([[0.5, -0.5]] * 4)) for c in seen)
     # training reached the context branch: its weights moved from their initial values
     assert run.model.backbone.context_embed.null.abs().sum() > 0
+
+
+def test_user_arrays_with_a_context_file(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    context = torch.rand(500, 1, generator=g) * 4 - 2
+    data = torch.cat([context, -context], 1) + 0.1 * torch.randn(500, 2, generator=g)
+    np.save(tmp_path / "x.npy", data.numpy())
+    np.save(tmp_path / "c.npy", context.numpy())
+    out = tmp_path / "run"
+    x, c = tmp_path / "x.npy", tmp_path / "c.npy"
+
+    def train(folder, context_file):
+        argv = ["train", "--preset", "gmm", "--out", str(folder), "--max-steps", "300", *TINY]
+        files = [f"data.path={x}", f"data.context_path={context_file}"]
+        return main([*argv, "data.name=array", *files, "train.val_every=100"])
+
+    assert train(out, c) == 0
+    run = load_run(out)
+    assert run.spec.context_dim == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in records)  # the validation rows carry their contexts
+    samples = generate(run, 500, method="euler", steps=8, contexts=torch.tensor([1.5])).x
+    assert (samples.mean(0) - torch.tensor([1.5, -1.5])).abs().max() < 0.3
+    # Rows that do not match, and a context file for a dataset that has none: one line, exit 2.
+    np.save(tmp_path / "short.npy", context[:10].numpy())
+    capsys.readouterr()
+    assert train(tmp_path / "bad", tmp_path / "short.npy") == 2
+    assert "rows of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    argv = ["train", "--preset", "gmm", "--out", str(tmp_path / "b2"), f"data.context_path={c}"]
+    assert main(argv) == 2
+    assert "context_path applies to name=array" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from flowmatch.app.config import RunConfig
 from flowmatch.app.objectives import OBJECTIVES, Parts
 from flowmatch.couplings import ExactOTCoupling, IndependentCoupling, SinkhornCoupling
 from flowmatch.data import TOY_DATASETS, load_array_dataset
-from flowmatch.data.contextual import CONTEXT_DATASETS, ContextSource
+from flowmatch.data.contextual import CONTEXT_DATASETS, ContextSource, load_context_arrays
 from flowmatch.data.images import IMAGE_SETS, ImageDataset, load_image_set
 from flowmatch.nets import MLP, FlowMapNet, UNet, drop_labels
 from flowmatch.paths import (
@@ -106,6 +106,11 @@ def build_data(config: RunConfig, device: torch.device | str = "cpu") -> Data:
     if cfg.name == "array":
         if cfg.path is None:
             raise ConfigError("data.name=array needs data.path=FILE (.npy or .pt)")
+        if cfg.context_path is not None:
+            train, validation = load_context_arrays(
+                cfg.path, cfg.context_path, cfg.val_fraction, config.objective.label_dropout
+            )
+            return Data(train, validation, DataSpec(train.shape, context_dim=train.context_dim))
         split = load_array_dataset(cfg.path, val_fraction=cfg.val_fraction)
         return Data(split.train, split.validation, DataSpec(split.train.shape))
     if cfg.name in IMAGE_SETS:

@@ -64,6 +64,7 @@ class DataConfig:
     path: str | None = None
     val_fraction: float = 0.1  # array: share of the rows held out for validation
     conditional: bool = False  # image sets with labels: train a class-conditional model
+    context_path: str | None = None  # array: a second file [N, C] of one context per row
 
     def __post_init__(self) -> None:
         names = [*TOY_DATASETS, *CONTEXT_DATASETS, "array", *IMAGE_SETS]
@@ -72,6 +73,8 @@ class DataConfig:
         reads_files = self.name == "array" or (self.name in IMAGE_SETS and self.name != "digits")
         if self.path is not None and not reads_files:
             raise ConfigError(f"path does not apply to name={self.name} (it ships with flowmatch)")
+        if self.context_path is not None and self.name != "array":
+            raise ConfigError(f"context_path applies to name=array, not name={self.name}")
         if self.conditional and self.name not in IMAGE_SETS:
             raise ConfigError(
                 f"conditional=true needs a labelled image set; {self.name} has no labels"
