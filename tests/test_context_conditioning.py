@@ -142,7 +142,11 @@ def test_spec_and_config_checks():
     with pytest.raises(ValueError, match="context_dim"):
         DataSpec.from_dict({"shape": [2], "context_dim": 0})
     with pytest.raises(ConfigError, match="condition_weight"):
-        PathConfig(condition_weight=-1.0)
+        PathConfig(coupling="exact-ot", condition_weight=-1.0)
+    for key, value in (("condition_aware", False), ("condition_weight", 5.0)):
+        with pytest.raises(ConfigError, match=f"{key} applies to the OT couplings"):
+            PathConfig(**{key: value})
+        PathConfig(coupling="sinkhorn", **{key: value})
 
 
 @pytest.fixture(scope="module")

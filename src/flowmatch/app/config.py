@@ -156,6 +156,10 @@ class PathConfig:
         if self.ot_block_size is not None and self.coupling != "exact-ot":
             raise ConfigError(f"ot_block_size applies to coupling=exact-ot, not {self.coupling}")
         check_range("condition_weight", self.condition_weight, 0.0, 1e12)
+        defaults = (("condition_aware", True), ("condition_weight", 1.0))
+        changed = [key for key, default in defaults if getattr(self, key) != default]
+        if changed and self.coupling == "independent":
+            raise ConfigError(f"{changed[0]} applies to the OT couplings, not coupling=independent")
 
 
 @dataclass(frozen=True)
