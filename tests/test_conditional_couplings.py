@@ -126,3 +126,32 @@ def test_flow_matching_objective_passes_the_labels_to_the_coupling():
     assert torch.equal(seen["condition"], y)
     objective(model, {"x1": torch.randn(4, 2)}, step=0)
     assert seen["condition"] is None
+
+
+@pytest.mark.parametrize("objective", ["lsd", "meanflow", "shortcut"])
+def test_flow_map_objectives_take_the_run_coupling(objective):
+    from flowmatch.app.build import build_objective
+    from flowmatch.app.config import RunConfig, with_overrides
+
+    config = with_overrides(RunConfig(), [f"objective={objective}", "path.coupling=exact-ot"])
+    built = build_objective(config)
+    assert isinstance(built.coupling, ExactOTCoupling) and built.condition_aware
+    seen = []
+
+    def spy(x0, x1, generator=None, condition=None):
+        seen.append(condition)
+        return x0.flip(0)
+
+    built.coupling = spy
+    x1, y = torch.randn(8, 2), torch.arange(8) % 2
+    point, _, kw = built._draw({"x1": x1, "y": y}, torch.Generator().manual_seed(0))
+    assert torch.equal(seen[-1], y) and torch.equal(kw["y"], y)
+    built.coupling = None
+    plain, _, _ = built._draw({"x1": x1, "y": y}, torch.Generator().manual_seed(0))
+    # the same noise, reordered by the coupling (the path point differs unless s = 1)
+    assert not torch.allclose(point.x_t, plain.x_t)
+    built.coupling, built.condition_aware = spy, False
+    built._draw({"x1": x1, "y": y}, torch.Generator().manual_seed(0))
+    assert seen[-1] is None
+    independent = build_objective(with_overrides(RunConfig(), [f"objective={objective}"]))
+    assert isinstance(independent.coupling, IndependentCoupling)

@@ -27,6 +27,25 @@ def conditioning(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {key: batch[key] for key in ("y", "context") if key in batch}
 
 
+def couple(
+    coupling: Coupling,
+    x0: Tensor,
+    x1: Tensor,
+    generator: torch.Generator | None,
+    condition: Tensor | None = None,
+) -> Tensor:
+    """``coupling(x0, x1)``, with ``condition=`` only when there is one (so a coupling written
+    to the three-argument form still works on unconditional data)."""
+    if condition is None:
+        return coupling(x0, x1, generator=generator)
+    return coupling(x0, x1, generator=generator, condition=condition)
+
+
+def batch_condition(model_kwargs: Mapping[str, Tensor]) -> Tensor | None:
+    """What a condition-aware coupling pairs within: the labels, else the contexts."""
+    return model_kwargs.get("y", model_kwargs.get("context"))
+
+
 def cfm_loss(
     model: VelocityField,
     x1: Tensor,
@@ -55,10 +74,8 @@ def cfm_loss(
     batch = x1.shape[0]
     if x0 is None:
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-    if coupling is not None and condition is None:
-        x0 = coupling(x0, x1, generator=generator)
-    elif coupling is not None:
-        x0 = coupling(x0, x1, generator=generator, condition=condition)
+    if coupling is not None:
+        x0 = couple(coupling, x0, x1, generator, condition)
     if t is None:
         if time_sampler is None:
             schedule = path.schedule
@@ -97,9 +114,7 @@ class FlowMatchingObjective:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         model_kwargs = conditioning(batch)
-        condition = model_kwargs.get("y", model_kwargs.get("context"))
-        if not self.condition_aware:
-            condition = None
+        condition = batch_condition(model_kwargs) if self.condition_aware else None
         return cfm_loss(
             model,
             batch["x1"],
