@@ -1,9 +1,21 @@
 """Couplings of a training batch: which source sample ``x0`` is paired with which data ``x1``.
 
-A coupling is ``coupling(x0, x1, generator=None) -> x0[perm]``: it reorders ``x0`` only, so
-``x1`` and anything aligned with it (labels) keep their order, and every ``x0`` is used exactly
-once. The cost of a pairing is the squared Euclidean distance of the flattened samples; any
-trailing shape ``[B, *dims]`` works.
+A coupling is ``coupling(x0, x1, generator=None, condition=None) -> x0[perm]``: it reorders
+``x0`` only, so ``x1`` and anything aligned with it (labels) keep their order, and every ``x0`` is
+used exactly once. The cost of a pairing is the squared Euclidean distance of the flattened
+samples; any trailing shape ``[B, *dims]`` works.
+
+**Condition-aware OT** (C2OT; Cheng & Schwing 2025, "The Curse of Conditions", Sec. 4). For
+conditional training, OT that ignores the condition ``c_i`` of ``x1_i`` pairs the noise drawn for
+one condition with data of another, so the noise seen with a condition during training is no
+longer ``N(0, I)`` while sampling draws it so. With ``condition`` given, the OT couplings keep
+``x0_i`` (drawn with ``c_i``) with data of its own condition: integer ``condition [B]`` (class
+labels) pairs only within each label, each group by its own OT (the paper's exact discrete
+case); a float ``condition [B, *dims]`` (a context vector) adds ``condition_weight |c_i - c_j|^2``
+to the cost of pairing ``x0_i`` with ``x1_j`` (the paper's relaxed cost, there with a cosine
+distance for embeddings); rows of a float condition with a NaN (contexts dropped for guidance)
+are paired among themselves by plain OT. Within a label the draws are still i.i.d.
+``N(0, I)``, so the conditional prior stays unskewed.
 
 - :class:`IndependentCoupling`: keep the independent draw (plain flow matching).
 - :class:`ExactOTCoupling`: the minibatch optimal-transport permutation (Tong et al. 2023,
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,8 +76,44 @@ def _check_batch(x0: Tensor, x1: Tensor) -> None:
         raise ValueError(f"x0 and x1 must be [batch, *dims], got {list(x0.shape)}")
 
 
-def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
-    """The permutation ``perm: [B]`` minimising ``sum_i |x0[perm[i]] - x1[i]|^2`` (exact).
+def condition_cost(condition: Tensor, weight: float) -> Tensor:
+    """``weight |c_i - c_j|^2`` of flattened float conditions: ``[B, B]``, rows the condition of
+    ``x1_i``, columns the condition ``x0_j`` was drawn with (the same tensor)."""
+    if condition.is_floating_point():
+        c = condition.detach().reshape(condition.shape[0], -1)
+        return weight * torch.cdist(c, c).square()
+    raise ValueError(f"a condition cost needs a float condition, got {condition.dtype}")
+
+
+def _check_condition(condition: Tensor, x1: Tensor) -> None:
+    if condition.dim() == 0 or condition.shape[0] != x1.shape[0]:
+        raise ValueError(
+            f"condition must be [batch, ...] with the batch of x1 ({x1.shape[0]}), got "
+            f"{list(condition.shape)}"
+        )
+    if not condition.is_floating_point() and condition.dim() != 1:
+        shape = list(condition.shape)
+        raise ValueError(f"integer conditions (labels) must be [batch], got {shape}")
+
+
+def _missing(condition: Tensor) -> Tensor:
+    """``[B]`` bool: the rows of a float condition with a NaN (no context)."""
+    return condition.reshape(condition.shape[0], -1).isnan().any(dim=1)
+
+
+def _within_labels(labels: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
+    """The permutation that pairs only within each label: ``solve(index)`` pairs the samples at
+    ``index`` (one label's, in batch order) and returns a permutation of ``range(len(index))``."""
+    perm = torch.empty(labels.shape[0], dtype=torch.long, device=labels.device)
+    for label in labels.unique():  # sorted: the same order on every call
+        index = (labels == label).nonzero().squeeze(1)
+        perm[index] = index[solve(index).to(labels.device)]
+    return perm
+
+
+def ot_permutation(x0: Tensor, x1: Tensor, extra_cost: Tensor | None = None) -> Tensor:
+    """The permutation ``perm: [B]`` minimising ``sum_i |x0[perm[i]] - x1[i]|^2`` (exact), plus
+    ``sum_i extra_cost[i, perm[i]]`` when given (``[B, B]``, rows ``x1``, columns ``x0``).
 
     Solves the OT problem with uniform weights on the squared-distance matrix (built in the
     inputs' dtype, solved in float64) by POT's network simplex; returns a LongTensor on ``x0``'s
@@ -74,7 +123,10 @@ def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
     _check_batch(x0, x1)
     n = x0.shape[0]
     with torch.no_grad():
-        cost = squared_distances(x1, x0).to("cpu", torch.float64).numpy()  # rows x1, columns x0
+        cost_t = squared_distances(x1, x0)  # rows x1, columns x0
+        if extra_cost is not None:
+            cost_t = cost_t + extra_cost.to(cost_t)
+        cost = cost_t.to("cpu", torch.float64).numpy()
     columns = np.zeros(n, dtype=np.int64)  # not a permutation: the assignment solver decides
     if importlib.util.find_spec("ot") is not None:
         import ot
@@ -90,9 +142,15 @@ def ot_permutation(x0: Tensor, x1: Tensor) -> Tensor:
 class IndependentCoupling:
     """The independent coupling ``x0 ~ source`` independent of ``x1``: returns ``x0`` as it is."""
 
-    def __call__(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        condition: Tensor | None = None,
+    ) -> Tensor:
         _check_batch(x0, x1)
-        return x0
+        return x0  # independent of x1 and of any condition
 
 
 @dataclass(frozen=True)
@@ -103,21 +161,49 @@ class ExactOTCoupling:
     size and each block is paired by its own exact OT: still a permutation of the whole batch
     (every sample used once), at a fraction of the cost, since an assignment problem of size n
     costs about ``n^2.5`` to ``n^3``.
+
+    With ``condition``, condition-aware OT (see the module): labels pair within each label of a
+    block, float conditions add ``condition_weight |c_i - c_j|^2`` to the cost.
     """
 
     block_size: int | None = None
+    condition_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1 or None, got {self.block_size}")
+        if not self.condition_weight >= 0:
+            raise ValueError(f"condition_weight must be >= 0, got {self.condition_weight}")
 
-    def __call__(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _block(self, x0: Tensor, x1: Tensor, condition: Tensor | None) -> Tensor:
+        if condition is None:
+            return ot_permutation(x0, x1)
+        if not condition.is_floating_point():
+            return _within_labels(condition, lambda i: ot_permutation(x0[i], x1[i]))
+        missing = _missing(condition)
+        if bool(missing.any()):
+            return _within_labels(
+                missing.long(),
+                lambda i: self._block(x0[i], x1[i], None if missing[i[0]] else condition[i]),
+            )
+        return ot_permutation(x0, x1, condition_cost(condition, self.condition_weight))
+
+    def __call__(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        condition: Tensor | None = None,
+    ) -> Tensor:
         _check_batch(x0, x1)
+        if condition is not None:
+            _check_condition(condition, x1)
         size = self.block_size or x0.shape[0]
-        blocks = [
-            start + ot_permutation(x0[start : start + size], x1[start : start + size])
-            for start in range(0, x0.shape[0], size)
-        ]
+        blocks = []
+        for start in range(0, x0.shape[0], size):
+            part = slice(start, start + size)
+            block_condition = None if condition is None else condition[part]
+            blocks.append(start + self._block(x0[part], x1[part], block_condition).to(x0.device))
         return x0[torch.cat(blocks)]
 
 
@@ -138,20 +224,30 @@ class SinkhornCoupling:
     index), so at least one pair is fixed per round and no ``x0`` is used twice. ``x1`` still
     unmatched after the last round take the remaining ``x0`` in index order (at batch 512, 16
     rounds paired as well as 512 did, in 2-D and 784-D, for epsilon from 0.002 to 0.2).
+
+    With ``condition``, condition-aware OT as for :class:`ExactOTCoupling`: labels are paired
+    within each label (one plan per label, a host sync each), float conditions add
+    ``condition_weight |c_i - c_j|^2`` to the cost.
     """
 
     epsilon: float = 0.05
     iterations: int = 100
     rounding_rounds: int = 16
+    condition_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or self.iterations < 1 or self.rounding_rounds < 0:
             raise ValueError("need epsilon > 0, iterations >= 1 and rounding_rounds >= 0")
+        if not self.condition_weight >= 0:
+            raise ValueError(f"condition_weight must be >= 0, got {self.condition_weight}")
 
-    def log_plan(self, x0: Tensor, x1: Tensor) -> Tensor:
-        """``log P[i, j]`` between ``x1_i`` (rows) and ``x0_j`` (columns), marginals ``1/B``."""
+    def log_plan(self, x0: Tensor, x1: Tensor, extra_cost: Tensor | None = None) -> Tensor:
+        """``log P[i, j]`` between ``x1_i`` (rows) and ``x0_j`` (columns), marginals ``1/B``, for
+        the squared distances plus ``extra_cost [B, B]`` when given."""
         _check_batch(x0, x1)
         cost = squared_distances(x1.detach(), x0.detach())
+        if extra_cost is not None:
+            cost = cost + extra_cost.to(cost)
         log_kernel = -cost / (self.epsilon * cost.mean().clamp_min(torch.finfo(cost.dtype).tiny))
         n = cost.shape[0]
         log_marginal = -math.log(n)
@@ -162,12 +258,30 @@ class SinkhornCoupling:
             log_v = log_marginal - _logsumexp(log_kernel + log_u[:, None], dim=0)
         return log_u[:, None] + log_kernel + log_v[None, :]
 
-    def permutation(self, x0: Tensor, x1: Tensor) -> Tensor:
+    def permutation(self, x0: Tensor, x1: Tensor, condition: Tensor | None = None) -> Tensor:
         """``perm: [B]`` pairing ``x1[i]`` with ``x0[perm[i]]``, rounded from the Sinkhorn plan."""
-        return round_to_permutation(self.log_plan(x0, x1), self.rounding_rounds)
+        if condition is None:
+            return round_to_permutation(self.log_plan(x0, x1), self.rounding_rounds)
+        _check_condition(condition, x1)
+        if not condition.is_floating_point():
+            return _within_labels(condition, lambda i: self.permutation(x0[i], x1[i]))
+        missing = _missing(condition)
+        if bool(missing.any()):
+            return _within_labels(
+                missing.long(),
+                lambda i: self.permutation(x0[i], x1[i], None if missing[i[0]] else condition[i]),
+            )
+        extra = condition_cost(condition, self.condition_weight)
+        return round_to_permutation(self.log_plan(x0, x1, extra), self.rounding_rounds)
 
-    def __call__(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return x0[self.permutation(x0, x1)]
+    def __call__(
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        condition: Tensor | None = None,
+    ) -> Tensor:
+        return x0[self.permutation(x0, x1, condition)]
 
 
 def round_to_permutation(score: Tensor, rounds: int) -> Tensor:

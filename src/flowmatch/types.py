@@ -46,10 +46,16 @@ class FlowMap(Protocol):
 
 
 class Coupling(Protocol):
-    """Re-pairs a batch: returns ``x0`` reordered so that ``(x0[i], x1[i])`` is a coupled pair."""
+    """Re-pairs a batch: returns ``x0`` reordered so that ``(x0[i], x1[i])`` is a coupled pair;
+    ``condition`` (labels ``[B]`` or contexts ``[B, ...]`` aligned with ``x1``) makes the OT
+    couplings condition-aware (:mod:`flowmatch.couplings`)."""
 
     def __call__(
-        self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        generator: torch.Generator | None = None,
+        condition: Tensor | None = None,
     ) -> Tensor: ...
 
 

@@ -15,6 +15,7 @@ from flowmatch.app.config import RunConfig
 from flowmatch.app.objectives import OBJECTIVES, Parts
 from flowmatch.couplings import ExactOTCoupling, IndependentCoupling, SinkhornCoupling
 from flowmatch.data import TOY_DATASETS, load_array_dataset
+from flowmatch.data.contextual import CONTEXT_DATASETS, ContextSource, load_context_arrays
 from flowmatch.data.images import IMAGE_SETS, ImageDataset, load_image_set
 from flowmatch.nets import MLP, FlatItems, FlowMapNet, UNet, drop_labels
 from flowmatch.paths import (
@@ -29,14 +30,21 @@ from flowmatch.training.config import ConfigError
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What the network is built for: one item's shape, the label count and pixel levels."""
+    """What the network is built for: one item's shape, the label count, pixel levels and the
+    context size."""
 
     shape: tuple[int, ...]
     num_classes: int | None = None  # set for class-conditional runs
     levels: int | None = None  # set for image data (bits/dim)
+    context_dim: int | None = None  # set for runs conditioned on a context vector
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "num_classes": self.num_classes, "levels": self.levels}
+        return {
+            "shape": list(self.shape),
+            "num_classes": self.num_classes,
+            "levels": self.levels,
+            "context_dim": self.context_dim,
+        }
 
     @classmethod
     def from_dict(cls, d: Any) -> DataSpec:
@@ -49,7 +57,12 @@ class DataSpec:
         for name, value in (("num_classes", classes), ("levels", levels)):
             if value is not None and not (type(value) is int and 2 <= value <= 1 << 20):
                 raise ValueError(f"{name} must be an integer >= 2 or null, got {value!r}")
-        return cls(tuple(shape), classes, levels)
+        context_dim = d.get("context_dim")
+        if context_dim is not None and not (type(context_dim) is int and 1 <= context_dim <= 4096):
+            raise ValueError(
+                f"context_dim must be an integer in 1..4096 or null, got {context_dim!r}"
+            )
+        return cls(tuple(shape), classes, levels, context_dim)
 
 
 class LabelledSource:
@@ -86,16 +99,27 @@ def build_data(config: RunConfig, device: torch.device | str = "cpu") -> Data:
     if cfg.name in TOY_DATASETS:
         target = TOY_DATASETS[cfg.name]()
         return Data(train=target, validation=None, spec=DataSpec(target.shape), target=target)
+    if cfg.name in CONTEXT_DATASETS:
+        context_target = CONTEXT_DATASETS[cfg.name]()
+        contexts = ContextSource(context_target, config.objective.label_dropout)
+        spec = DataSpec(context_target.shape, context_dim=context_target.context_dim)
+        return Data(train=contexts, validation=None, spec=spec, target=context_target)
     if cfg.name == "array":
         if cfg.path is None:
             raise ConfigError("data.name=array needs data.path=FILE (.npy or .pt)")
+        if cfg.context_path is not None:
+            train, validation = load_context_arrays(
+                cfg.path, cfg.context_path, cfg.val_fraction, config.objective.label_dropout
+            )
+            return Data(train, validation, DataSpec(train.shape, context_dim=train.context_dim))
         split = load_array_dataset(cfg.path, val_fraction=cfg.val_fraction)
         return Data(split.train, split.validation, DataSpec(split.train.shape))
     if cfg.name in IMAGE_SETS:
         if cfg.path is None and cfg.name != "digits":
             raise ConfigError(f"data.name={cfg.name} needs data.path=DIR (its folder of files)")
-        train = load_image_set(cfg.name, cfg.path, "train", cfg.test_fraction)
-        images = ImageDataset(train, device=device)
+        images = ImageDataset(
+            load_image_set(cfg.name, cfg.path, "train", cfg.test_fraction), device=device
+        )
         spec = DataSpec(images.shape, levels=images.levels)
         if not cfg.conditional:
             return Data(images, None, spec)
@@ -123,6 +147,7 @@ def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
             activation=cfg.activation,
             num_classes=spec.num_classes,
             num_times=num_times,
+            context_dim=spec.context_dim,
         )
         if len(spec.shape) != 1:
             net = FlatItems(net, spec.shape)
@@ -145,6 +170,7 @@ def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
             image_size=spec.shape[1],
             num_groups=cfg.num_groups,
             num_times=num_times,
+            context_dim=spec.context_dim,
         )
     return FlowMapNet(net) if num_times == 2 else net
 
@@ -181,8 +207,10 @@ def build_path(config: RunConfig) -> AffinePath:
 def build_coupling(config: RunConfig) -> Callable[..., Tensor]:
     cfg = config.path
     if cfg.coupling == "exact-ot":
-        return ExactOTCoupling(block_size=cfg.ot_block_size)
-    return SinkhornCoupling() if cfg.coupling == "sinkhorn" else IndependentCoupling()
+        return ExactOTCoupling(block_size=cfg.ot_block_size, condition_weight=cfg.condition_weight)
+    if cfg.coupling == "sinkhorn":
+        return SinkhornCoupling(condition_weight=cfg.condition_weight)
+    return IndependentCoupling()
 
 
 def build_time_sampler(config: RunConfig) -> Callable[..., Tensor]:

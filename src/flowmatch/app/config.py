@@ -15,11 +15,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 from flowmatch.data import IMAGE_SETS, TOY_DATASETS
+from flowmatch.data.contextual import CONTEXT_DATASETS
 from flowmatch.nets.mlp import ACTIVATIONS
-from flowmatch.solvers import METHODS
+from flowmatch.paths import Schedule
+from flowmatch.solvers import METHODS, ConstantDiffusion, VanishingDiffusion
 from flowmatch.training.config import (
     MAX_BATCH,
     MAX_SEED,
@@ -32,8 +36,8 @@ from flowmatch.training.config import (
 from flowmatch.training.files import RunFileError, read_text
 
 MAX_WIDTH = 1 << 16  # hidden units or channels: far beyond any network trained here
-ODE_SOLVERS = tuple(m for m in METHODS if m != "flow_map")
-SOLVERS = (*ODE_SOLVERS, "flow_map")
+ODE_SOLVERS = tuple(m for m in METHODS if m not in ("flow_map", "euler_maruyama"))
+SOLVERS = (*ODE_SOLVERS, "euler_maruyama", "flow_map")  # the last two sample stochastically too
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
@@ -50,11 +54,12 @@ def _check_sizes(name: str, values: tuple[int, ...], low: int, high: int) -> Non
 class DataConfig:
     """Where the training data comes from.
 
-    ``name``: a 2-D toy (checkerboard, eight-gaussians, moons, rings, spirals, gmm), ``array``
-    (the user's ``.npy``/``.pt`` file ``[N, *dims]`` at ``path``), or an image set (digits,
-    mnist, fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits). A
-    ``folder`` holds PNG/JPEG files of one size, directly (unlabelled) or in one sub-folder per
-    class; its test split is a seeded permutation of the sorted file paths.
+    ``name``: a 2-D toy (checkerboard, eight-gaussians, moons, rings, spirals, gmm), a 2-D toy
+    with a context per sample (gaussian-context: ``x | c ~ N(c, 0.25^2 I)``), ``array`` (the
+    user's ``.npy``/``.pt`` file ``[N, *dims]`` at ``path``), or an image set (digits, mnist,
+    fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits). A ``folder``
+    holds PNG/JPEG files of one size, directly (unlabelled) or in one sub-folder per class; its
+    test split is a seeded permutation of the sorted file paths.
     """
 
     name: str = "checkerboard"
@@ -62,14 +67,18 @@ class DataConfig:
     val_fraction: float = 0.1  # array: share of the rows held out (validation loss and eval)
     test_fraction: float = 0.1  # folder: share of the files held out for flowmatch eval
     conditional: bool = False  # image sets with labels: train a class-conditional model
+    context_path: str | None = None  # array: a second file [N, C] of one context per row
 
     def __post_init__(self) -> None:
-        _check_choice("name", self.name, [*TOY_DATASETS, "array", *IMAGE_SETS])
+        names = [*TOY_DATASETS, *CONTEXT_DATASETS, "array", *IMAGE_SETS]
+        _check_choice("name", self.name, names)
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
         check_range("test_fraction", self.test_fraction, 0.0, 1.0, high_open=True)
         reads_files = self.name == "array" or (self.name in IMAGE_SETS and self.name != "digits")
         if self.path is not None and not reads_files:
             raise ConfigError(f"path does not apply to name={self.name} (it ships with flowmatch)")
+        if self.context_path is not None and self.name != "array":
+            raise ConfigError(f"context_path applies to name=array, not name={self.name}")
         if self.conditional and self.name not in IMAGE_SETS:
             raise ConfigError(
                 f"conditional=true needs a labelled image set; {self.name} has no labels"
@@ -139,6 +148,9 @@ class PathConfig:
     coupling: Literal["independent", "exact-ot", "sinkhorn"] = "independent"
     ot_block_size: int | None = None  # exact-ot: pair blocks of this size (a fraction of the cost)
     time_sampler: Literal["uniform", "logit-normal"] = "uniform"
+    condition_aware: bool = True  # OT couplings on labelled / context data pair within
+    # conditions (C2OT); false: plain OT, which ignores them
+    condition_weight: float = 1.0  # OT on context data: weight of |c_i - c_j|^2 in the cost
 
     def __post_init__(self) -> None:
         check_range("sigma_min", self.sigma_min, 0.0, 1.0, high_open=True)
@@ -147,6 +159,11 @@ class PathConfig:
         check_range("ot_block_size", self.ot_block_size, 1, MAX_BATCH, optional=True)
         if self.ot_block_size is not None and self.coupling != "exact-ot":
             raise ConfigError(f"ot_block_size applies to coupling=exact-ot, not {self.coupling}")
+        check_range("condition_weight", self.condition_weight, 0.0, 1e12)
+        defaults = (("condition_aware", True), ("condition_weight", 1.0))
+        changed = [key for key, default in defaults if getattr(self, key) != default]
+        if changed and self.coupling == "independent":
+            raise ConfigError(f"{changed[0]} applies to the OT couplings, not coupling=independent")
 
 
 @dataclass(frozen=True)
@@ -161,7 +178,7 @@ class ObjectiveConfig:
     """
 
     name: str = "fm"
-    label_dropout: float = 0.1  # conditional models: share of null labels (guidance)
+    label_dropout: float = 0.1  # conditional models: share of null labels or contexts (guidance)
     diagonal_fraction: float = 0.75  # flow maps: share of the batch on the diagonal s = t
     learned_weight: bool = False  # flow maps: learned two-time weight e^-w L + w (unstable on
     # small runs here: it can favour the trivial self-consistent map; docs/flow-maps.md)
@@ -251,6 +268,67 @@ class RunConfig:
                 f"use model.kind={want}"
             )
         check_range("train.seed", self.train.seed, 0, MAX_SEED)
+
+
+DIFFUSION_SCHEDULES = {"constant": ConstantDiffusion, "vanishing": VanishingDiffusion}
+
+
+@dataclass(frozen=True)
+class SamplerNoise:
+    """The noise of the stochastic samplers (see ``flowmatch.solvers.sde``): ``diffusion`` is the
+    scale of ``eps_t`` and ``diffusion_schedule`` its shape for ``euler_maruyama`` (defaults 1.0
+    and ``vanishing``, ``eps_t = 4 scale t (1 - t)``); ``gamma`` in [0, 1] re-noises between the
+    jumps of ``flow_map``. ``None`` everywhere: the deterministic samplers."""
+
+    diffusion: float | None = None
+    diffusion_schedule: str | None = None
+    gamma: float | None = None
+
+    def check(self, method: str) -> None:
+        """``ConfigError`` for values out of range or options that do not apply to ``method``."""
+        if method != "euler_maruyama":
+            for flag, value in (
+                ("--diffusion", self.diffusion),
+                ("--diffusion-schedule", self.diffusion_schedule),
+            ):
+                if value is not None:
+                    raise ConfigError(f"{flag} applies to --solver euler_maruyama, not {method}")
+        scale = self.diffusion
+        if scale is not None and not (math.isfinite(scale) and scale >= 0):
+            raise ConfigError(f"--diffusion must be a finite number >= 0, got {self.diffusion}")
+        schedule = self.diffusion_schedule
+        if schedule is not None and schedule not in DIFFUSION_SCHEDULES:
+            raise ConfigError(
+                f"--diffusion-schedule must be one of {', '.join(DIFFUSION_SCHEDULES)}, "
+                f"got {schedule!r}"
+            )
+        if self.gamma is not None:
+            if method != "flow_map":
+                raise ConfigError(f"--gamma applies to --solver flow_map, not {method}")
+            if not 0.0 <= self.gamma <= 1.0:
+                raise ConfigError(f"--gamma must lie in [0, 1], got {self.gamma}")
+
+    def integrate_kwargs(
+        self, schedule: Schedule, method: str, generator: torch.Generator
+    ) -> dict[str, Any]:
+        """The stochastic keywords of ``integrate`` for ``method`` on the path of ``schedule``."""
+        if method == "euler_maruyama":
+            shape = DIFFUSION_SCHEDULES[self.diffusion_schedule or "vanishing"]
+            diffusion = shape(1.0 if self.diffusion is None else self.diffusion)
+            return {"schedule": schedule, "diffusion": diffusion, "generator": generator}
+        if method == "flow_map" and self.gamma is not None:
+            return {"schedule": schedule, "gamma": self.gamma, "generator": generator}
+        return {}
+
+    def label(self, method: str) -> str:
+        """``method`` with its noise, for file names: ``euler_maruyama-vanishing1.0``,
+        ``flow_map-gamma0.5``; the method alone for the deterministic samplers."""
+        if method == "euler_maruyama":
+            scale = 1.0 if self.diffusion is None else self.diffusion
+            return f"{method}-{self.diffusion_schedule or 'vanishing'}{scale}"
+        if method == "flow_map" and self.gamma is not None:
+            return f"{method}-gamma{self.gamma}"
+        return method
 
 
 SECTIONS_WITH_NAME = ("data", "objective")

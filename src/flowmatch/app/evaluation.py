@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import tqdm
 from torch import Tensor
 
 from flowmatch.app.build import build_data
+from flowmatch.app.config import SamplerNoise
 from flowmatch.app.run_folder import RunFolder
 from flowmatch.app.runs import Run, load_run
 from flowmatch.data import ImageDataset, load_image_set, to_model_space, to_pixels
@@ -53,10 +55,16 @@ def default_method(run: Run) -> str:
 
 
 def check_sampling(
-    run: Run, method: str, steps: int | None, n: int, guidance: float | None
+    run: Run,
+    method: str,
+    steps: int | None,
+    n: int,
+    guidance: float | None,
+    noise: SamplerNoise | None = None,
 ) -> None:
     """``ConfigError`` (one line, before any work) for sampling arguments that are out of range
     or do not apply to ``run``."""
+    (noise or SamplerNoise()).check(method)
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")
     if steps is not None and steps < 1:
@@ -68,8 +76,8 @@ def check_sampling(
     if guidance is not None:
         if not math.isfinite(guidance):
             raise ConfigError(f"--guidance must be a finite number, got {guidance}")
-        if run.spec.num_classes is None:
-            raise ConfigError("--guidance needs a class-conditional run")
+        if run.spec.num_classes is None and run.spec.context_dim is None:
+            raise ConfigError("--guidance needs a class- or context-conditional run")
         if method == "flow_map":
             raise ConfigError(
                 "--guidance acts on velocities: use an ODE solver with it, or distil the "
@@ -131,14 +139,20 @@ def generate(
     labels: Tensor | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
+    noise: SamplerNoise | None = None,
+    contexts: Tensor | None = None,
 ) -> IntegrationResult:
     """``n`` samples of the run from source draws of ``seed``.
 
     ``method="flow_map"`` jumps with the learned map (``steps`` jumps, default 1); the ODE
     methods integrate the velocity (a flow map's diagonal). Conditional runs take ``labels [n]``
-    (default: classes in turn) and an optional ``guidance`` scale. ``progress`` reports on
-    stderr with an ETA (``SamplingProgress``).
+    (default: classes in turn), context-conditioned runs ``contexts [n, C]`` or one ``[C]`` for
+    all (rows of NaN: no context), both with an optional ``guidance`` scale. ``noise`` sets the
+    stochastic samplers (``euler_maruyama``, ``flow_map`` with ``gamma``), which draw from the
+    same generator as the source, after it. ``progress`` reports on stderr with an ETA
+    (``SamplingProgress``).
     """
+    noise = noise or SamplerNoise()
     method = method or default_method(run)
     generator = torch.Generator().manual_seed(seed)
     x0 = run.source(n, generator)
@@ -147,7 +161,11 @@ def generate(
         if labels is None:
             labels = torch.arange(n) % run.spec.num_classes
         model_kwargs["y"] = labels
-    check_sampling(run, method, steps, n, guidance)
+    if run.spec.context_dim is not None:
+        model_kwargs["context"] = _check_contexts(run, contexts, n)
+    elif contexts is not None:
+        raise ConfigError("contexts apply to context-conditioned runs (data with a context)")
+    check_sampling(run, method, steps, n, guidance, noise)
     field: VelocityField | TwoTimeField
     if method == "flow_map":
         field, steps = run.model, steps or 1
@@ -165,6 +183,7 @@ def generate(
                 steps=None if method == "dopri5" else steps,
                 model_kwargs=model_kwargs,
                 return_trajectory=return_trajectory,
+                **noise.integrate_kwargs(run.path.schedule, method, generator),
             )
     finally:
         if reporter is not None:
@@ -172,6 +191,33 @@ def generate(
 
 
 W2_MAX_ROWS = 5000  # exact W2 is an O(n^3) assignment: above this many rows it is left out
+
+
+def _check_contexts(run: Run, contexts: Tensor | None, n: int) -> Tensor:
+    """``contexts`` as ``[n, context_dim]`` (one row broadcast to all); ``ConfigError`` for a
+    missing or misshapen one."""
+    dim = run.spec.context_dim
+    if contexts is None:
+        raise ConfigError(f"a context-conditioned run needs contexts ([n, {dim}]): --context FILE")
+    contexts = torch.as_tensor(contexts, dtype=torch.get_default_dtype())
+    if contexts.dim() == 1 and contexts.shape[0] == dim:
+        contexts = contexts.expand(n, -1)
+    elif contexts.dim() == 1 and dim == 1:
+        contexts = contexts[:, None]
+    if contexts.shape != (n, dim):
+        raise ConfigError(f"contexts must be [{dim}] or [n={n}, {dim}], got {list(contexts.shape)}")
+    return contexts
+
+
+def read_contexts(path: Path) -> Tensor:
+    """The contexts in the ``.npy`` file ``path`` (``[C]`` or ``[n, C]``, float)."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable .npy array ({error})") from None
+    if not np.issubdtype(values.dtype, np.number):
+        raise ConfigError(f"{path}: contexts must be numbers, got dtype {values.dtype}")
+    return torch.as_tensor(values.astype(np.float64))
 
 
 @dataclass
@@ -223,9 +269,23 @@ def sample_quality(
     n: int,
     seed: int = 0,
     progress: bool = False,
+    noise: SamplerNoise | None = None,
 ) -> SampleQuality:
-    """Energy distance, exact W2 and MMD of the run's samples against ``target.sample``."""
-    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress)
+    """Energy distance, exact W2 and MMD of the run's samples against ``target.sample``; a
+    context-conditioned run samples at contexts drawn from the target (the marginal)."""
+    contexts = None
+    if run.spec.context_dim is not None:
+        contexts = target.sample_context(n, torch.Generator().manual_seed(seed + 5))
+    result = generate(
+        run,
+        n,
+        method=method,
+        steps=steps,
+        seed=seed,
+        noise=noise,
+        contexts=contexts,
+        progress=progress,
+    )
     generator = torch.Generator().manual_seed(seed + 1)
     reference, other = target.sample(n, generator), target.sample(n, generator)
     return SampleQuality(
@@ -246,12 +306,13 @@ def held_out_quality(
     n: int,
     seed: int = 0,
     progress: bool = False,
+    noise: SamplerNoise | None = None,
 ) -> SampleQuality:
     """The distances of ``sample_quality`` against an array run's held-out rows: ``min(n, rows)``
     model samples and as many distinct training rows (the noise level: how far the training data
     itself lies from the held-out rows)."""
     n = min(n, held_out.shape[0], train.shape[0])
-    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress)
+    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress, noise=noise)
     generator = torch.Generator().manual_seed(seed + 1)
     reference = held_out[torch.randperm(held_out.shape[0], generator=generator)[:n]]
     other = train[torch.randperm(train.shape[0], generator=generator)[:n]]
@@ -262,6 +323,56 @@ def held_out_quality(
         n=n,
         reference=f"{n} held-out rows (data.val_fraction={run.config.data.val_fraction})",
         **_sample_distances(result.x.float(), reference.float(), other.float()),
+    )
+
+
+@dataclass
+class ContextQuality:
+    """``n`` samples of a context-conditioned run at one ``context`` against the target's exact
+    conditional law there: the error of the sample mean, the sample's standard deviation (mean
+    over dimensions) beside the exact one, and W2 against ``n`` fresh conditional draws with its
+    noise level."""
+
+    context: list[float]
+    method: str
+    steps: int | None
+    nfe: int
+    n: int
+    mean_error: float
+    std: float
+    exact_std: float
+    w2: float
+    w2_noise: float
+
+
+def context_quality(
+    run: Run,
+    target: Any,
+    context: Tensor,
+    method: str,
+    steps: int | None,
+    n: int,
+    seed: int = 0,
+    noise: SamplerNoise | None = None,
+) -> ContextQuality:
+    """Per-condition quality of ``run`` at ``context`` against ``target.conditional_sample``."""
+    result = generate(run, n, method=method, steps=steps, seed=seed, noise=noise, contexts=context)
+    generator = torch.Generator().manual_seed(seed + 6)
+    rows = context.expand(n, -1)
+    reference = target.conditional_sample(rows, generator)
+    other = target.conditional_sample(rows, generator)
+    samples = result.x.float()
+    return ContextQuality(
+        context=context.tolist(),
+        method=method,
+        steps=steps if method != "dopri5" else None,
+        nfe=result.nfe,
+        n=n,
+        mean_error=float((samples.mean(0) - context).norm()),
+        std=float(samples.std(0).mean()),
+        exact_std=float(target.std),
+        w2=float(wasserstein2(samples, reference.float())),
+        w2_noise=float(wasserstein2(other.float(), reference.float())),
     )
 
 
@@ -348,6 +459,7 @@ def image_quality(
     inception_weights: str | None = None,
     features: str | None = None,
     progress: bool = False,
+    noise: SamplerNoise | None = None,
 ) -> ImageQuality:
     """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
     features of the user's LeNet file ``features`` (trained on their labels by
@@ -357,7 +469,14 @@ def image_quality(
     n = min(n, reference.shape[0])  # a small test split: as many samples as test images
     reference = to_model_space(reference[:n], run.spec.levels or 256)
     result = generate(
-        run, n, method=method, steps=steps, seed=seed, guidance=guidance, progress=progress
+        run,
+        n,
+        method=method,
+        steps=steps,
+        seed=seed,
+        guidance=guidance,
+        progress=progress,
+        noise=noise,
     )
     generator = torch.Generator().manual_seed(seed + 3)
     metrics = image_metrics(
@@ -453,6 +572,7 @@ def evaluate_run(
     nll: bool = True,
     features: str | None = None,
     progress: bool = False,
+    noise: SamplerNoise | None = None,
 ) -> dict[str, Any]:
     """The report of ``flowmatch eval``: quality at each step count and the likelihood.
 
@@ -461,13 +581,15 @@ def evaluate_run(
     rows; image runs: Frechet distance, KID and precision/recall against the test split (a
     folder's ``data.test_fraction``) in the features of a shipped classifier, the user's LeNet
     file ``features`` or Inception-v3, and bits/dim. ``progress``: each sampling reports on
-    stderr with an ETA, and each likelihood says when it starts.
+    stderr with an ETA, and each likelihood says when it starts. ``noise`` sets the
+    stochastic samplers; the report's ``sampler`` names the method with its noise.
     """
+    noise = noise or SamplerNoise()
     method = method or default_method(run)
     n = run.config.eval.samples if n is None else n
     requested: list[int | None] = [*steps] if steps else [None]
     for count in requested:
-        check_sampling(run, method, count, n, guidance)
+        check_sampling(run, method, count, n, guidance, noise)
     image = len(run.spec.shape) == 3 and run.spec.levels is not None
     if inception_weights is not None and not image:
         raise ConfigError("--inception-weights applies to image runs")
@@ -479,15 +601,16 @@ def evaluate_run(
     if method != "dopri5":
         counts = [*steps] if steps else [run.config.eval.steps or 16]
     report: dict[str, Any] = {"run": str(run.run_dir), "step": run.step, "method": method}
+    report.update(sampler=noise.label(method), noise=asdict(noise))
     if image:
         extractor = (inception_weights, features)
         report.update(
-            _image_report(run, method, counts, n, seed, guidance, extractor, nll, progress)
+            _image_report(run, method, counts, n, seed, guidance, extractor, nll, progress, noise)
         )
     else:
         if guidance is not None:
             raise ConfigError("--guidance applies to class-conditional image runs")
-        report.update(_vector_report(run, method, counts, n, seed, nll, progress))
+        report.update(_vector_report(run, method, counts, n, seed, nll, progress, noise))
     return report
 
 
@@ -497,7 +620,14 @@ def _announce(progress: bool, what: str) -> None:
 
 
 def _vector_report(
-    run: Run, method: str, counts: list, n: int, seed: int, nll: bool, progress: bool
+    run: Run,
+    method: str,
+    counts: list,
+    n: int,
+    seed: int,
+    nll: bool,
+    progress: bool,
+    noise: SamplerNoise,
 ) -> dict:
     data = build_data(run.config)
     target = data.target if data.target is not None else data.validation
@@ -506,15 +636,27 @@ def _vector_report(
             f"the {run.config.data.name!r} run holds no rows out (data.val_fraction=0): "
             "retrain with data.val_fraction above 0 to evaluate it"
         )
+    if data.target is None and run.spec.context_dim is not None:
+        raise ConfigError(
+            "flowmatch eval measures context runs against a known conditional law (e.g. "
+            "gaussian-context); sample a context array run with flowmatch sample --context FILE"
+        )
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
+        own = noise if how == method else None  # the run's sampler, not the teacher's Euler
         if data.target is not None:
-            return asdict(sample_quality(of, data.target, how, steps, n, seed, progress))
+            return asdict(sample_quality(of, data.target, how, steps, n, seed, progress, own))
         train, held_out = data.train.data, target.data
-        return asdict(held_out_quality(of, train, held_out, how, steps, n, seed, progress))
+        return asdict(held_out_quality(of, train, held_out, how, steps, n, seed, progress, own))
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
-    if nll:
+    if run.spec.context_dim is not None and data.target is not None:
+        report["per_context"] = [
+            asdict(context_quality(run, data.target, torch.tensor(c), method, s, n, seed, noise))
+            for c in data.target.eval_contexts
+            for s in counts
+        ]
+    if nll and run.spec.context_dim is None:  # context runs: per-context rows instead
         n_nll = run.config.eval.nll_samples
         _announce(progress, f"likelihood of {n_nll} samples (dopri5, exact divergence)")
         report["likelihood"] = asdict(likelihood(run, target, n_nll, seed))
@@ -536,13 +678,15 @@ def _image_report(
     extractor: tuple[str | None, str | None],
     nll: bool,
     progress: bool,
+    noise: SamplerNoise,
 ) -> dict:
     cfg = run.config.data
     test = load_image_set(cfg.name, cfg.path, "test", cfg.test_fraction)
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
+        own = noise if how == method else None  # as in _vector_report
         quality = image_quality(
-            of, test.images, how, steps, n, seed, guidance, *extractor, progress=progress
+            of, test.images, how, steps, n, seed, guidance, *extractor, progress, own
         )
         return asdict(quality)
 
@@ -555,14 +699,16 @@ def _image_report(
 
 
 def write_report(run: Run, report: dict[str, Any], steps: list[int] | None) -> Path:
-    """``eval-METHOD[-STEPS].json`` in the run folder, and its quality-versus-steps plot."""
+    """``eval-SAMPLER[-STEPS].json`` in the run folder (``SAMPLER``: the method with its noise,
+    :meth:`SamplerNoise.label`), and its quality-versus-steps plot."""
     folder = RunFolder(run.run_dir)
-    path = folder.eval_report(report["method"], steps)
+    sampler = report["sampler"]
+    path = folder.eval_report(sampler, steps)
     folder.write_json(path, report)
     rows, metric = report["quality"], report["metric"]
     if len(rows) > 1:
         plotting = require("flowmatch.plotting", "plot")
-        curves = {report["method"]: {r["steps"]: r[metric] for r in rows}}
+        curves = {sampler: {r["steps"]: r[metric] for r in rows}}
         if "teacher_euler" in report:
             curves["teacher euler"] = {r["steps"]: r[metric] for r in report["teacher_euler"]}
         check_inside(path.with_suffix(".png").parent, folder.root)

@@ -87,7 +87,10 @@ class ObjectiveEntry:
 
 def _flow_matching(parts: Parts) -> FlowMatchingObjective:
     return FlowMatchingObjective(
-        parts.path, coupling=parts.coupling, time_sampler=parts.time_sampler
+        parts.path,
+        coupling=parts.coupling,
+        time_sampler=parts.time_sampler,
+        condition_aware=parts.config.path.condition_aware,
     )
 
 
@@ -148,6 +151,19 @@ def _reflow(parts: Parts) -> ReflowObjective:
     return ReflowObjective(parts.path, mode=mode, time_sampler=parts.time_sampler)
 
 
+def _coupled(build: Callable[[Parts], Any]) -> Callable[[Parts], Any]:
+    """``build`` with the run's coupling set on the flow-map objective it returns (it pairs its
+    own noise with the data, condition-aware as ``path.condition_aware`` says)."""
+
+    def with_coupling(parts: Parts) -> Any:
+        objective = build(parts)
+        objective.coupling = parts.coupling
+        objective.condition_aware = parts.config.path.condition_aware
+        return objective
+
+    return with_coupling
+
+
 _DISTILLED = {"teacher": True, "compare_with_teacher": True}
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {
@@ -160,55 +176,70 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "lsd": ObjectiveEntry(
         "flow map by Lagrangian self-distillation (Boffi et al. 2025)",
         "flow_map",
-        _self_distillation(lsd),
+        _coupled(_self_distillation(lsd)),
+        uses_coupling=True,
     ),
     "esd": ObjectiveEntry(
         "flow map by Eulerian self-distillation (Boffi et al. 2025)",
         "flow_map",
-        _self_distillation(esd),
+        _coupled(_self_distillation(esd)),
+        uses_coupling=True,
     ),
     "psd-mid": ObjectiveEntry(
         "flow map by progressive self-distillation through the midpoint (Boffi et al. 2025)",
         "flow_map",
-        _self_distillation(psd_midpoint, takes_derivative=False),
+        _coupled(_self_distillation(psd_midpoint, takes_derivative=False)),
+        uses_coupling=True,
     ),
     "psd-uniform": ObjectiveEntry(
         "flow map by progressive self-distillation through uniform points (Boffi et al. 2025)",
         "flow_map",
-        _self_distillation(psd_uniform, takes_derivative=False),
+        _coupled(_self_distillation(psd_uniform, takes_derivative=False)),
+        uses_coupling=True,
     ),
     "meanflow": ObjectiveEntry(
         "flow map by MeanFlow (Geng et al. 2025)",
         "flow_map",
-        lambda parts: MeanFlowObjective(
-            parts.path,
-            power=_power(parts),
-            time_derivative=parts.config.objective.time_derivative,
+        _coupled(
+            lambda parts: MeanFlowObjective(
+                parts.path,
+                power=_power(parts),
+                time_derivative=parts.config.objective.time_derivative,
+            )
         ),
+        uses_coupling=True,
     ),
     "imf": ObjectiveEntry(
         "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",
         "flow_map",
-        lambda parts: ImprovedMeanFlowObjective(parts.path, power=_power(parts)),
+        _coupled(lambda parts: ImprovedMeanFlowObjective(parts.path, power=_power(parts))),
+        uses_coupling=True,
     ),
     "alpha-flow": ObjectiveEntry(
         "flow map by alpha-Flow's curriculum from flow matching to MeanFlow (arXiv 2510.20771)",
         "flow_map",
-        lambda parts: AlphaFlowObjective(parts.path, end_step=parts.config.train.steps),
+        _coupled(lambda parts: AlphaFlowObjective(parts.path, end_step=parts.config.train.steps)),
+        uses_coupling=True,
     ),
     "shortcut": ObjectiveEntry(
         "flow map by shortcut models' self-consistency, no JVP (Frans et al. 2024)",
         "flow_map",
-        lambda parts: ShortcutObjective(
-            parts.path, learned_weight=parts.config.objective.learned_weight
+        _coupled(
+            lambda parts: ShortcutObjective(
+                parts.path, learned_weight=parts.config.objective.learned_weight
+            )
         ),
+        uses_coupling=True,
     ),
     "split-meanflow": ObjectiveEntry(
         "flow map by SplitMeanFlow's interval splitting, no JVP (arXiv 2507.16884)",
         "flow_map",
-        lambda parts: SplitMeanFlowObjective(
-            parts.path, learned_weight=parts.config.objective.learned_weight
+        _coupled(
+            lambda parts: SplitMeanFlowObjective(
+                parts.path, learned_weight=parts.config.objective.learned_weight
+            )
         ),
+        uses_coupling=True,
     ),
     "tvm": ObjectiveEntry(
         "flow map by Terminal Velocity Matching (arXiv 2511.19797)",

@@ -113,6 +113,11 @@ PRESETS: dict[str, Preset] = {
         "2-D Gaussian mixture with exact log-density (NLL against the truth), 8000 steps",
         lambda: _toy("gmm"),
     ),
+    "gaussian-context": Preset(
+        "2-D Gaussian whose mean is a continuous 2-D context (x | c ~ N(c, 0.25^2 I), "
+        "c uniform on [-2, 2]^2), MLP, flow matching, 3000 steps; sample with --context",
+        lambda: _toy("gaussian-context", 3000),
+    ),
     "checkerboard-ot": Preset(
         "checkerboard with minibatch exact-OT coupling (straighter paths, fewer steps)",
         lambda: dataclasses.replace(_toy("checkerboard"), path=PathConfig(coupling="exact-ot")),

@@ -69,8 +69,10 @@ class Run:
             )
         if guidance_scale is None:
             return field
+        if self.spec.context_dim is not None:
+            return GuidedVelocity(field, guidance_scale, on="context")
         if self.spec.num_classes is None:
-            raise ConfigError("guidance needs a class-conditional run")
+            raise ConfigError("guidance needs a class- or context-conditional run")
         return GuidedVelocity(field, guidance_scale, null_label=self.spec.num_classes)
 
     def source(self, n: int, generator: torch.Generator | None = None) -> Tensor:

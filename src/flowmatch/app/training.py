@@ -128,7 +128,8 @@ def validation_loss(data: Data, objective: Any, seed: int, n: int = 2048) -> Cal
 
     def validate(model: torch.nn.Module) -> float:
         generator = torch.Generator().manual_seed(seed)
-        batch = {"x1": validation.sample(n, generator)}
+        drawn = validation.sample(n, generator)  # data, or a dict with its contexts
+        batch = drawn if isinstance(drawn, dict) else {"x1": drawn}
         with torch.no_grad():
             return float(objective(model, batch, 0, generator).mean())
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 def print_report(report: dict) -> None:
     rows = report["quality"]
-    print(f"{report['run']} at step {report['step']}: {rows[0]['n']} samples per metric")
+    print(
+        f"{report['run']} at step {report['step']}, {report['sampler']}: "
+        f"{rows[0]['n']} samples per metric"
+    )
     if report["metric"] == "energy":
         print(f"against: {rows[0]['reference']}")
         print(
@@ -28,6 +31,18 @@ def print_report(report: dict) -> None:
             print(
                 f"{steps:>6} {r['nfe']:>5} {r['frechet_distance']:>9.3f} {r['kid']:>9.4f} "
                 f"{r['precision']:>6.3f} {r['recall']:>6.3f}"
+            )
+    if "per_context" in report:
+        print(f"per context (exact std {report['per_context'][0]['exact_std']:.3f}):")
+        print(
+            f"{'context':>16} {'steps':>6} {'|mean err|':>10} {'std':>7} {'W2':>8} {'(noise)':>8}"
+        )
+        for r in report["per_context"]:
+            context = ",".join(f"{c:g}" for c in r["context"])
+            steps = "-" if r["steps"] is None else r["steps"]
+            print(
+                f"{context:>16} {steps:>6} {r['mean_error']:>10.4f} {r['std']:>7.3f} "
+                f"{r['w2']:>8.4f} {r['w2_noise']:>8.4f}"
             )
     for r in report.get("teacher_euler", []):
         if report["metric"] == "energy":

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import torch
 
-from flowmatch.app.config import SOLVERS, RunConfig
+from flowmatch.app.config import DIFFUSION_SCHEDULES, SOLVERS, RunConfig, SamplerNoise
 from flowmatch.app.objectives import DISTILLATIONS, OBJECTIVES
 from flowmatch.app.presets import PRESETS
 from flowmatch.extras import MissingExtra
@@ -48,6 +48,31 @@ def _steps_list(text: str) -> list[int]:
     if not steps or min(steps) < 1:
         raise argparse.ArgumentTypeError(f"step counts must be positive integers, got {text!r}")
     return steps
+
+
+def _add_noise_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the stochastic samplers (``SamplerNoise``)."""
+    parser.add_argument(
+        "--diffusion",
+        type=float,
+        metavar="C",
+        help="euler_maruyama: scale of the diffusion eps_t (default 1; 0 is Euler)",
+    )
+    parser.add_argument(
+        "--diffusion-schedule",
+        choices=list(DIFFUSION_SCHEDULES),
+        help="euler_maruyama: eps_t = C (constant) or 4 C t (1 - t) (vanishing, the default)",
+    )
+    parser.add_argument(
+        "--gamma",
+        type=float,
+        metavar="G",
+        help="flow_map: re-noise between the jumps, G in [0, 1] (0: deterministic jumps)",
+    )
+
+
+def _noise(args: argparse.Namespace) -> SamplerNoise:
+    return SamplerNoise(args.diffusion, args.diffusion_schedule, args.gamma)
 
 
 def _config_keys_help() -> str:
@@ -139,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="images: also one PNG per sample (pixels in [0, 255]) in DIR",
     )
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    sample.add_argument(
+        "--context",
+        type=Path,
+        metavar="FILE",
+        help="context-conditioned runs: a .npy of one context [C] for all samples or one per "
+        "sample [n, C] (a row of NaN: no context)",
+    )
+    _add_noise_options(sample)
 
     evaluate = commands.add_parser("eval", help="measure a trained run")
     evaluate.add_argument("run_dir", type=Path)
@@ -149,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, help="samples per metric (default: eval.samples)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    _add_noise_options(evaluate)
     evaluate.add_argument(
         "--inception-weights",
         help="images: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (checked by its hash) "
@@ -211,14 +245,22 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from flowmatch.app.evaluation import check_sampling, default_method, generate, write_samples
+    from flowmatch.app.evaluation import (
+        check_sampling,
+        default_method,
+        generate,
+        read_contexts,
+        write_samples,
+    )
     from flowmatch.app.runs import load_run
 
     run = load_run(args.run_dir)
     method = args.solver or default_method(run)
-    check_sampling(run, method, args.steps, args.n, args.guidance)
+    noise = _noise(args)
+    check_sampling(run, method, args.steps, args.n, args.guidance, noise)
     if args.png_dir is not None and run.spec.levels is None:
         raise UsageError("--png-dir applies to image runs")
+    contexts = None if args.context is None else read_contexts(args.context)
     result = generate(
         run,
         args.n,
@@ -228,6 +270,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         return_trajectory=args.trajectories,
         progress=True,
+        noise=noise,
+        contexts=contexts,
     )
     written = write_samples(run, result, args.out, args.png_dir)
     note = "; clamped to the data range [-1, 1], pixels in [0, 255]" if run.spec.levels else ""
@@ -251,6 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         nll=not args.no_nll,
         features=args.features,
         progress=True,
+        noise=_noise(args),
     )
     write_report(run, report, args.steps)
     if args.json:

@@ -4,7 +4,8 @@ This module owns the wrappers that turn the losses of :mod:`flowmatch.losses.flo
 training loop's objective interface ``objective(model, batch, step, generator) -> loss [B]``:
 they draw the path's noise ``x0 ~ N(0, I)``, the ``(s, t)`` pairs (by default on the schedule's
 ``[t_min, t_max]``) and any extra randomness from ``generator``, in that order, pass
-``batch["y"]`` to the model as ``y`` when present, and return per-sample losses.
+``batch["y"]`` and ``batch["context"]`` to the model under the same names when present, and
+return per-sample losses.
 Objectives are ``nn.Module``s; their ``state_dict`` holds everything a resumed run needs (the
 learned loss weight, the PFMM phase and teacher-map copy), never a teacher velocity. Which loss
 an objective applies is a function passed in (:func:`lsd`, ``lagrangian_map_distillation_loss``,
@@ -33,10 +34,11 @@ from flowmatch.losses.flow_maps import (
     progressive_map_distillation_loss,
     progressive_self_distillation_loss,
 )
+from flowmatch.losses.flow_matching import batch_condition, conditioning, couple
 from flowmatch.paths.affine import AffinePath, PathSample
 from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
 from flowmatch.solvers.steps import euler_step
-from flowmatch.types import FlowMap, TwoTimeField, VelocityField
+from flowmatch.types import Coupling, FlowMap, TwoTimeField, VelocityField
 
 TimePairSampler = Callable[..., TimePairs]
 
@@ -61,23 +63,30 @@ def _diagonal_then_off(
 
 
 class _FlowMapObjective(nn.Module):
-    """Draws ``x0 ~ N(0, I)`` (the path's noise, as in ``cfm_loss``), ``(s, t) ~ time_pairs``
-    and ``x_s = alpha_s x1 + sigma_s x0``; applies the optional learned weight ``w_{s,t}``."""
+    """Draws ``x0 ~ N(0, I)`` (the path's noise, as in ``cfm_loss``), pairs it with ``x1`` by
+    ``coupling`` when one is set (condition-aware with the batch's labels or contexts unless
+    ``condition_aware`` is false), draws ``(s, t) ~ time_pairs`` and ``x_s = alpha_s x1 +
+    sigma_s x0``; applies the optional learned weight ``w_{s,t}``."""
 
     def __init__(self, path: AffinePath, time_pairs: TimePairSampler, learned_weight: bool):
         super().__init__()
         self.path = path
         self.time_pairs = time_pairs
         self.loss_weight = LearnedLossWeight() if learned_weight else None
+        self.coupling: Coupling | None = None
+        self.condition_aware = True
 
     def _draw(
         self, batch: dict[str, Tensor], generator: torch.Generator | None
     ) -> tuple[PathSample, TimePairs, dict[str, Tensor]]:
         x1 = batch["x1"]
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        kw = conditioning(batch)
+        if self.coupling is not None:
+            condition = batch_condition(kw) if self.condition_aware else None
+            x0 = couple(self.coupling, x0, x1, generator, condition)
         pairs = self.time_pairs(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)
-        model_kwargs = {"y": batch["y"]} if "y" in batch else {}
-        return self.path.sample(x0, x1, pairs.s), pairs, model_kwargs
+        return self.path.sample(x0, x1, pairs.s), pairs, kw
 
     def _weigh(self, loss: Tensor, pairs: TimePairs) -> Tensor:
         return loss if self.loss_weight is None else self.loss_weight.weigh(loss, pairs.s, pairs.t)

@@ -21,6 +21,31 @@ from flowmatch.shapes import check_same_shape, check_time
 from flowmatch.types import Coupling, TimeSampler, VelocityField
 
 
+def conditioning(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model keywords of a batch: its labels ``y`` and its contexts ``context`` where
+    present (a row of NaN is a dropped context)."""
+    return {key: batch[key] for key in ("y", "context") if key in batch}
+
+
+def couple(
+    coupling: Coupling,
+    x0: Tensor,
+    x1: Tensor,
+    generator: torch.Generator | None,
+    condition: Tensor | None = None,
+) -> Tensor:
+    """``coupling(x0, x1)``, with ``condition=`` only when there is one (so a coupling written
+    to the three-argument form still works on unconditional data)."""
+    if condition is None:
+        return coupling(x0, x1, generator=generator)
+    return coupling(x0, x1, generator=generator, condition=condition)
+
+
+def batch_condition(model_kwargs: Mapping[str, Tensor]) -> Tensor | None:
+    """What a condition-aware coupling pairs within: the labels, else the contexts."""
+    return model_kwargs.get("y", model_kwargs.get("context"))
+
+
 def cfm_loss(
     model: VelocityField,
     x1: Tensor,
@@ -32,13 +57,16 @@ def cfm_loss(
     x0: Tensor | None = None,
     t: Tensor | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    condition: Tensor | None = None,
 ) -> Tensor:
     """Per-sample conditional flow-matching loss ``[B]``, the squared error averaged over dims.
 
     ``x1: [B, *dims]`` data. ``x0`` defaults to ``N(0, I)`` draws (the noise of the path
     ``x_t = alpha x1 + sigma x0``, so for VE the source ``N(0, sigma_max^2 I)`` is ``sigma(0) x0``);
     ``coupling(x0, x1)`` then reorders ``x0`` only, so ``x1`` and ``model_kwargs`` (labels) stay
-    aligned. ``t: [B]`` defaults to ``time_sampler`` draws, by default uniform on the schedule's
+    aligned; with ``condition`` (the labels or contexts of ``x1``) it is passed to the coupling,
+    which then pairs within conditions (:mod:`flowmatch.couplings`). ``t: [B]`` defaults to
+    ``time_sampler`` draws, by default uniform on the schedule's
     ``[t_min, t_max]``. ``model(x_t, t, **model_kwargs)`` must return the shape of ``x1``.
     """
     if x1.dim() < 2:
@@ -47,7 +75,7 @@ def cfm_loss(
     if x0 is None:
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
     if coupling is not None:
-        x0 = coupling(x0, x1, generator=generator)
+        x0 = couple(coupling, x0, x1, generator, condition)
     if t is None:
         if time_sampler is None:
             schedule = path.schedule
@@ -66,12 +94,17 @@ class FlowMatchingObjective:
     """The training-loop objective of conditional flow matching: :func:`cfm_loss` on a batch.
 
     ``objective(model, batch, step, generator) -> [B]`` with ``batch["x1"]`` the data and an
-    optional ``batch["y"]`` passed to the model as ``y=``. It holds no state.
+    optional ``batch["y"]`` (labels) or ``batch["context"]`` (context vectors) passed to the model
+    under the same name and to the coupling as its condition (condition-aware OT pairs within
+    labels; dropped labels, the null class, and dropped contexts form one more group of
+    unconditional pairs); ``condition_aware=False`` keeps the condition from the coupling (plain
+    OT). It holds no state.
     """
 
     path: AffinePath
     coupling: Coupling | None = None
     time_sampler: TimeSampler | None = None
+    condition_aware: bool = True
 
     def __call__(
         self,
@@ -80,7 +113,8 @@ class FlowMatchingObjective:
         step: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        model_kwargs = {"y": batch["y"]} if "y" in batch else None
+        model_kwargs = conditioning(batch)
+        condition = batch_condition(model_kwargs) if self.condition_aware else None
         return cfm_loss(
             model,
             batch["x1"],
@@ -89,6 +123,7 @@ class FlowMatchingObjective:
             time_sampler=self.time_sampler,
             generator=generator,
             model_kwargs=model_kwargs,
+            condition=condition,
         )
 
     def state_dict(self) -> dict[str, Any]:

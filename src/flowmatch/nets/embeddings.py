@@ -4,7 +4,8 @@
 ``[cos(a * f_0 t), ..., cos(a * f_{h-1} t), sin(a * f_0 t), ..., sin(a * f_{h-1} t)]`` with
 ``f_k = max_period^(-k / h)``, ``h = dim / 2``. ADM feeds integer steps ``0..999``; here ``t`` lives
 in ``[0, 1]`` and the documented ``scale a = 1000`` spreads it the same way. ``LabelEmbedding``
-adds one learned row, index ``num_classes``, for the null label of classifier-free guidance.
+adds one learned row, index ``num_classes``, for the null label of classifier-free guidance;
+``ContextEmbedding`` is a small MLP of a context vector with a learned "no context" row.
 """
 
 from __future__ import annotations
@@ -64,6 +65,42 @@ def time_input(
     batch = x.shape[0]
     times = tuple(s.expand(batch) if s.dim() == 0 or s.shape == (1,) else s for s in times)
     return times[0] if num_times == 1 else torch.stack(times, dim=-1)
+
+
+class ContextEmbedding(nn.Module):
+    """``context: [B, context_dim] -> [B, dim]``, ``W_2 silu(W_1 c + b_1) + b_2``.
+
+    A row with any NaN is "no context" (dropped for classifier-free guidance, see
+    :func:`flowmatch.nets.guidance.drop_context`) and gets the learned ``null`` embedding.
+    """
+
+    def __init__(self, context_dim: int, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or dim
+        self.context_dim = context_dim
+        self.net = nn.Sequential(nn.Linear(context_dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        self.null = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, context: Tensor) -> Tensor:
+        if context.dim() != 2 or context.shape[1] != self.context_dim:
+            raise ValueError(
+                f"context must be [batch, {self.context_dim}], got {list(context.shape)}"
+            )
+        missing = context.isnan().any(dim=1, keepdim=True)
+        emb = self.net(torch.nan_to_num(context, nan=0.0))
+        return torch.where(missing, self.null.to(emb.dtype), emb)
+
+
+def context_embedding(embed: ContextEmbedding | None, context: Tensor | None) -> Tensor | float:
+    """``embed(context)`` for a context-conditioned network, ``0`` for one without; a
+    ``ValueError`` when the one is given without the other."""
+    if embed is None:
+        if context is not None:
+            raise ValueError("this network takes no context (build it with context_dim)")
+        return 0.0
+    if context is None:
+        raise ValueError("context-conditioned model: pass context (rows of NaN for none)")
+    return embed(context)
 
 
 class LabelEmbedding(nn.Embedding):

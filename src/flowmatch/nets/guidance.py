@@ -10,10 +10,19 @@ the null label (index ``num_classes``) for a random fraction of the samples (``d
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from flowmatch.types import VelocityField
+
+
+def drop_context(context: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """``context: [B, C]`` with each row set to NaN ("no context", the null embedding of
+    :class:`flowmatch.nets.embeddings.ContextEmbedding`) independently with probability ``p``."""
+    drop = torch.rand(context.shape[0], generator=generator, device=context.device) < p
+    return context.masked_fill(drop[:, None], float("nan"))
 
 
 def drop_labels(
@@ -28,7 +37,8 @@ class GuidedVelocity(nn.Module):
     """The guided velocity field ``(x, t, y) -> v_uncond + w (v_cond - v_uncond)``.
 
     Both branches come from one forward pass of batch ``2B`` on ``[x, x]``, ``[t, t]``,
-    ``[y, null]``. ``null_label`` defaults to ``model.null_label``.
+    ``[y, null]``. ``null_label`` defaults to ``model.null_label``. With ``on="context"`` the
+    condition is a context ``[B, C]`` and its null branch rows of NaN (no context).
     """
 
     def __init__(
@@ -36,9 +46,13 @@ class GuidedVelocity(nn.Module):
         model: VelocityField,
         guidance_scale: float,
         null_label: int | None = None,
+        on: str = "y",
     ) -> None:
         super().__init__()
-        if null_label is None:
+        if on not in ("y", "context"):
+            raise ValueError(f"on must be 'y' or 'context', got {on!r}")
+        self.on = on
+        if null_label is None and on == "y":
             null_label = getattr(model, "null_label", None)
             if null_label is None:
                 raise ValueError("pass null_label: the model has no null_label attribute")
@@ -46,8 +60,14 @@ class GuidedVelocity(nn.Module):
         self.guidance_scale = guidance_scale
         self.null_label = null_label
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        y_null = torch.full_like(y, self.null_label)
-        v = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, y_null]))
+    def forward(self, x: Tensor, t: Tensor, **condition: Tensor) -> Tensor:
+        c = condition[self.on]
+        if self.on == "context":
+            null = torch.full_like(c, math.nan)
+        else:
+            assert self.null_label is not None  # set in __init__ for on="y"
+            null = torch.full_like(c, self.null_label)
+        both = {self.on: torch.cat([c, null])}
+        v = self.model(torch.cat([x, x]), torch.cat([t, t]), **both)
         v_cond, v_uncond = v.chunk(2)
         return torch.lerp(v_uncond, v_cond, self.guidance_scale)  # v_uncond + w (v_cond - v_uncond)

@@ -2,7 +2,8 @@
 
 The sinusoidal features of each time input are concatenated with ``x`` and fed to the first
 linear map (so the projections of the time embeddings are added); an optional label embedding
-is added to the first hidden pre-activation. With ``num_times = 2`` the same network takes two
+and a context embedding (a small MLP of a context vector) are added to the first hidden
+pre-activation. With ``num_times = 2`` the same network takes two
 times (for a flow map: ``s`` and ``t - s``, see :class:`flowmatch.nets.flow_map.FlowMapNet`).
 """
 
@@ -13,7 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding, time_input
+from flowmatch.nets.embeddings import (
+    ContextEmbedding,
+    LabelEmbedding,
+    SinusoidalTimeEmbedding,
+    context_embedding,
+    time_input,
+)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
@@ -26,9 +33,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 class MLP(nn.Module):
-    """``v(x, *times, y=None) -> [B, dim]``: ``depth`` hidden layers of width ``hidden``.
+    """``v(x, *times, y=None, context=None) -> [B, dim]``: ``depth`` hidden layers of width
+    ``hidden``.
 
-    ``h_1 = act(W_1 [x, emb(t_1), ..., emb(t_k)] + b_1 + E[y])``, ``h_{l+1} = act(W h_l + b)``,
+    ``h_1 = act(W_1 [x, emb(t_1), ..., emb(t_k)] + b_1 + E[y] + C(context))``,
+    ``h_{l+1} = act(W h_l + b)``,
     output ``W_out h_depth + b_out`` (``depth + 1`` linear maps; torchcfm's default is
     ``hidden=64, depth=3, activation="selu"``, the FM paper's checkerboard used width 512).
 
@@ -41,6 +50,8 @@ class MLP(nn.Module):
         num_classes: enables class conditioning ``y: LongTensor [B]`` in ``0..num_classes``,
             index ``num_classes`` being the null label.
         num_times: number of time inputs (1 for a velocity field, 2 for a flow map).
+        context_dim: enables context conditioning ``context: [B, context_dim]`` (rows of NaN:
+            no context), through :class:`~flowmatch.nets.embeddings.ContextEmbedding`.
         time_scale: ``scale`` of the sinusoidal embedding (``t`` in [0, 1]).
     """
 
@@ -54,6 +65,7 @@ class MLP(nn.Module):
         num_classes: int | None = None,
         num_times: int = 1,
         time_scale: float = 1000.0,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -69,12 +81,14 @@ class MLP(nn.Module):
             "num_classes": num_classes,
             "num_times": num_times,
             "time_scale": time_scale,
+            "context_dim": context_dim,
         }
         self.num_times = num_times
         self.time_embed = SinusoidalTimeEmbedding(time_embed_dim, scale=time_scale)
         self.input = nn.Linear(dim + num_times * time_embed_dim, hidden)
         self.label_embed = LabelEmbedding(num_classes, hidden) if num_classes is not None else None
         self.null_label = num_classes
+        self.context_embed = ContextEmbedding(context_dim, hidden) if context_dim else None
         act = ACTIVATIONS[activation]
         layers: list[nn.Module] = [act()]
         for _ in range(depth - 1):
@@ -83,7 +97,12 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(
-        self, x: Tensor, *times: Tensor, t: Tensor | float | None = None, y: Tensor | None = None
+        self,
+        x: Tensor,
+        *times: Tensor,
+        t: Tensor | float | None = None,
+        y: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """``v(x, *times)``, or ``v(x=x, t=t)`` by keyword; a scalar ``t`` holds for the batch."""
         time = time_input(x, times, t, self.num_times)
@@ -92,6 +111,7 @@ class MLP(nn.Module):
             if y is None:
                 raise ValueError(f"class-conditional model: pass y (null label {self.null_label})")
             h = h + self.label_embed(y)
+        h = h + context_embedding(self.context_embed, context)
         return self.layers(h)
 
 

@@ -1,7 +1,7 @@
 """ADM-style U-Net (Dhariwal & Nichol 2021) for images: a velocity network ``v(x, t)``.
 
 ``x: [B, C, H, W]`` with ``H = W = image_size`` divisible by ``2^(len(channel_mult) - 1)``.
-Residual blocks take the time (and label) embedding through scale-shift GroupNorm,
+Residual blocks take the time (and label, and context) embedding through scale-shift GroupNorm,
 ``h = GroupNorm(h) * (1 + scale) + shift``; self-attention runs at the listed image
 resolutions and in the middle block; skip connections join the down and up paths; the last
 convolution of every residual branch and of the output is zero-initialised, as in ADM.
@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flowmatch.nets.embeddings import LabelEmbedding, SinusoidalTimeEmbedding, time_input
+from flowmatch.nets.embeddings import (
+    ContextEmbedding,
+    LabelEmbedding,
+    SinusoidalTimeEmbedding,
+    context_embedding,
+    time_input,
+)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -148,6 +154,8 @@ class UNet(nn.Module):
         num_times: number of time inputs (1 for a velocity field, 2 for a flow map).
         time_scale: ``scale`` of the sinusoidal embedding (``t`` in [0, 1]).
         jvp_safe_attention: run attention on the math kernel (needed by ``torch.func.jvp``).
+        context_dim: enables context conditioning ``context: [B, context_dim]`` (rows of NaN:
+            no context): a small MLP of the context added to the time embedding.
     """
 
     def __init__(
@@ -167,6 +175,7 @@ class UNet(nn.Module):
         num_times: int = 1,
         time_scale: float = 1000.0,
         jvp_safe_attention: bool = False,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -199,6 +208,7 @@ class UNet(nn.Module):
             "num_groups": num_groups,
             "num_times": num_times,
             "time_scale": time_scale,
+            "context_dim": context_dim,
         }
         self.num_times = num_times
         self.null_label = num_classes
@@ -211,6 +221,7 @@ class UNet(nn.Module):
             nn.Linear(emb_dim, emb_dim),
         )
         self.label_embed = LabelEmbedding(num_classes, emb_dim) if num_classes is not None else None
+        self.context_embed = ContextEmbedding(context_dim, emb_dim) if context_dim else None
 
         def res_block(in_ch: int, out_ch: int) -> ResBlock:
             return ResBlock(in_ch, out_ch, emb_dim, dropout, num_groups)
@@ -273,7 +284,12 @@ class UNet(nn.Module):
                 module.jvp_safe = value
 
     def forward(
-        self, x: Tensor, *times: Tensor, t: Tensor | float | None = None, y: Tensor | None = None
+        self,
+        x: Tensor,
+        *times: Tensor,
+        t: Tensor | float | None = None,
+        y: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """``v(x, *times)``, or ``v(x=x, t=t)`` by keyword; a scalar ``t`` holds for the batch."""
         emb = self.time_embed(time_input(x, times, t, self.num_times))
@@ -281,6 +297,7 @@ class UNet(nn.Module):
             if y is None:
                 raise ValueError(f"class-conditional model: pass y (null label {self.null_label})")
             emb = emb + self.label_embed(y)
+        emb = emb + context_embedding(self.context_embed, context)
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:
