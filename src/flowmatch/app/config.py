@@ -23,6 +23,7 @@ from flowmatch.solvers import METHODS
 from flowmatch.training.config import (
     MAX_BATCH,
     MAX_SEED,
+    RESUMABLE,
     ConfigError,
     TrainConfig,
     apply_overrides,
@@ -54,7 +55,10 @@ class DataConfig:
     (the user's ``.npy``/``.pt`` file ``[N, *dims]`` at ``path``), or an image set (digits,
     mnist, fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits). A
     ``folder`` holds PNG/JPEG files of one size, directly (unlabelled) or in one sub-folder per
-    class; its test split is a seeded permutation of the sorted file paths.
+    class; its test split is a seeded permutation of the sorted file paths. ``stream=true``
+    reads a folder's files from disk as training draws them (``workers`` DataLoader processes
+    decode them; 0: the training process), for folders larger than memory; the batches are
+    those of the folder loaded into memory.
     """
 
     name: str = "checkerboard"
@@ -62,6 +66,10 @@ class DataConfig:
     val_fraction: float = 0.1  # array: share of the rows held out (validation loss and eval)
     test_fraction: float = 0.1  # folder: share of the files held out for flowmatch eval
     conditional: bool = False  # image sets with labels: train a class-conditional model
+    # folder: decode the files as they are drawn instead of loading them (same batches)
+    stream: bool = field(default=False, metadata={RESUMABLE: True})
+    # stream: DataLoader processes that decode (0: the training process)
+    workers: int = field(default=0, metadata={RESUMABLE: True})
 
     def __post_init__(self) -> None:
         _check_choice("name", self.name, [*TOY_DATASETS, "array", *IMAGE_SETS])
@@ -70,6 +78,13 @@ class DataConfig:
         reads_files = self.name == "array" or (self.name in IMAGE_SETS and self.name != "digits")
         if self.path is not None and not reads_files:
             raise ConfigError(f"path does not apply to name={self.name} (it ships with flowmatch)")
+        check_range("workers", self.workers, 0, 256)
+        if self.stream and self.name != "folder":
+            raise ConfigError(
+                f"stream=true reads a folder of images (name=folder), not {self.name}"
+            )
+        if self.workers and not self.stream:
+            raise ConfigError("workers decode a streamed folder: set data.stream=true with it")
         if self.conditional and self.name not in IMAGE_SETS:
             raise ConfigError(
                 f"conditional=true needs a labelled image set; {self.name} has no labels"
