@@ -16,7 +16,12 @@ from flowmatch.app.objectives import OBJECTIVES, Parts
 from flowmatch.couplings import ExactOTCoupling, IndependentCoupling, SinkhornCoupling
 from flowmatch.data import TOY_DATASETS, load_array_dataset
 from flowmatch.data.contextual import CONTEXT_DATASETS, ContextSource, load_context_arrays
-from flowmatch.data.images import IMAGE_SETS, ImageDataset, load_image_set
+from flowmatch.data.images import (
+    IMAGE_SETS,
+    ImageDataset,
+    StreamingImageFolder,
+    load_image_set,
+)
 from flowmatch.nets import MLP, FlatItems, FlowMapNet, UNet, drop_labels
 from flowmatch.paths import (
     SCHEDULES,
@@ -69,7 +74,12 @@ class LabelledSource:
     """Image batches as dicts ``{"x1", "y"}`` with labels dropped to the null label per sample
     with probability ``label_dropout`` (classifier-free guidance training)."""
 
-    def __init__(self, images: ImageDataset, label_dropout: float, null_label: int) -> None:
+    def __init__(
+        self,
+        images: ImageDataset | StreamingImageFolder,
+        label_dropout: float,
+        null_label: int,
+    ) -> None:
         self.images = images
         self.label_dropout = label_dropout
         self.null_label = null_label
@@ -117,9 +127,13 @@ def build_data(config: RunConfig, device: torch.device | str = "cpu") -> Data:
     if cfg.name in IMAGE_SETS:
         if cfg.path is None and cfg.name != "digits":
             raise ConfigError(f"data.name={cfg.name} needs data.path=DIR (its folder of files)")
-        images = ImageDataset(
-            load_image_set(cfg.name, cfg.path, "train", cfg.test_fraction), device=device
-        )
+        images: ImageDataset | StreamingImageFolder
+        if cfg.stream:  # the batches come back on the CPU: the loop moves them
+            assert cfg.path is not None
+            images = StreamingImageFolder(cfg.path, "train", cfg.test_fraction, workers=cfg.workers)
+        else:
+            train_images = load_image_set(cfg.name, cfg.path, "train", cfg.test_fraction)
+            images = ImageDataset(train_images, device=device)
         spec = DataSpec(images.shape, levels=images.levels)
         if not cfg.conditional:
             return Data(images, None, spec)

@@ -27,6 +27,7 @@ from flowmatch.solvers import METHODS, ConstantDiffusion, VanishingDiffusion
 from flowmatch.training.config import (
     MAX_BATCH,
     MAX_SEED,
+    RESUMABLE,
     ConfigError,
     TrainConfig,
     apply_overrides,
@@ -59,7 +60,10 @@ class DataConfig:
     user's ``.npy``/``.pt`` file ``[N, *dims]`` at ``path``), or an image set (digits, mnist,
     fashion-mnist, cifar10, folder; ``path`` is its directory, unused for digits). A ``folder``
     holds PNG/JPEG files of one size, directly (unlabelled) or in one sub-folder per class; its
-    test split is a seeded permutation of the sorted file paths.
+    test split is a seeded permutation of the sorted file paths. ``stream=true`` reads a
+    folder's files from disk as training draws them (``workers`` DataLoader processes decode
+    them; 0: the training process), for folders larger than memory; the batches are those of
+    the folder loaded into memory.
     """
 
     name: str = "checkerboard"
@@ -68,6 +72,10 @@ class DataConfig:
     test_fraction: float = 0.1  # folder: share of the files held out for flowmatch eval
     conditional: bool = False  # image sets with labels: train a class-conditional model
     context_path: str | None = None  # array: a second file [N, C] of one context per row
+    # folder: decode the files as they are drawn instead of loading them (same batches)
+    stream: bool = field(default=False, metadata={RESUMABLE: True})
+    # stream: DataLoader processes that decode (0: the training process)
+    workers: int = field(default=0, metadata={RESUMABLE: True})
 
     def __post_init__(self) -> None:
         names = [*TOY_DATASETS, *CONTEXT_DATASETS, "array", *IMAGE_SETS]
@@ -79,6 +87,13 @@ class DataConfig:
             raise ConfigError(f"path does not apply to name={self.name} (it ships with flowmatch)")
         if self.context_path is not None and self.name != "array":
             raise ConfigError(f"context_path applies to name=array, not name={self.name}")
+        check_range("workers", self.workers, 0, 256)
+        if self.stream and self.name != "folder":
+            raise ConfigError(
+                f"stream=true reads a folder of images (name=folder), not {self.name}"
+            )
+        if self.workers and not self.stream:
+            raise ConfigError("workers decode a streamed folder: set data.stream=true with it")
         if self.conditional and self.name not in IMAGE_SETS:
             raise ConfigError(
                 f"conditional=true needs a labelled image set; {self.name} has no labels"

@@ -85,6 +85,38 @@ def check_sampling(
             )
 
 
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where sampling and likelihoods run: on ``device`` (the run's network is moved there),
+    ``batch_size`` items at a time (``None``: all at once). The draws for all items are made
+    first on the CPU from the seed, so fixed-step solvers and flow maps give the same items for
+    any chunk size; dopri5 picks its adaptive steps per chunk."""
+
+    device: torch.device = CPU
+    batch_size: int | None = None
+
+    def chunks(self, n: int) -> list[slice]:
+        """The slices of ``n`` items, ``batch_size`` at a time."""
+        size = self.batch_size or n
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _joined(results: list[IntegrationResult]) -> IntegrationResult:
+    """The chunks' results as one (on the CPU): items concatenated, the largest NFE."""
+    trajectories = [r.trajectory for r in results]
+    return IntegrationResult(
+        x=torch.cat([r.x.cpu() for r in results]),
+        nfe=max(r.nfe for r in results),
+        time_grid=results[0].time_grid.cpu(),
+        trajectory=None
+        if trajectories[0] is None
+        else torch.cat([t.cpu() for t in trajectories if t is not None], dim=1),
+    )
+
+
 class SamplingProgress:
     """Progress of one integration from ``t = 0`` to 1, read from the times the solver asks the
     field for (so it needs no hook in the solver, and fits adaptive steps): a tqdm bar in percent
@@ -141,6 +173,7 @@ def generate(
     progress: bool = False,
     noise: SamplerNoise | None = None,
     contexts: Tensor | None = None,
+    placement: Placement | None = None,
 ) -> IntegrationResult:
     """``n`` samples of the run from source draws of ``seed``.
 
@@ -149,10 +182,12 @@ def generate(
     (default: classes in turn), context-conditioned runs ``contexts [n, C]`` or one ``[C]`` for
     all (rows of NaN: no context), both with an optional ``guidance`` scale. ``noise`` sets the
     stochastic samplers (``euler_maruyama``, ``flow_map`` with ``gamma``), which draw from the
-    same generator as the source, after it. ``progress`` reports on stderr with an ETA
-    (``SamplingProgress``).
+    same generator as the source, after it (on another device, from a generator there seeded by
+    it; with ``placement.batch_size`` the chunks draw in turn). ``progress`` reports on stderr
+    with an ETA (``SamplingProgress``). ``placement``: the device and chunk size.
     """
     noise = noise or SamplerNoise()
+    placement = placement or Placement()
     method = method or default_method(run)
     generator = torch.Generator().manual_seed(seed)
     x0 = run.source(n, generator)
@@ -173,21 +208,34 @@ def generate(
         field = run.velocity(guidance)
     if method != "dopri5" and steps is None:
         steps = run.config.eval.steps or 16
-    reporter = SamplingProgress(f"sampling {n} ({method})") if progress else None
-    try:
-        with torch.inference_mode():
-            return integrate(
-                field if reporter is None else reporter.wrap(field),
-                x0,
-                method,
-                steps=None if method == "dopri5" else steps,
-                model_kwargs=model_kwargs,
-                return_trajectory=return_trajectory,
-                **noise.integrate_kwargs(run.path.schedule, method, generator),
-            )
-    finally:
-        if reporter is not None:
-            reporter.close()
+    run.model.to(placement.device)
+    if placement.device.type != "cpu":  # the stochastic samplers draw on the device
+        seed_there = int(torch.randint(2**62, (1,), generator=generator))
+        generator = torch.Generator(placement.device).manual_seed(seed_there)
+    chunks = placement.chunks(n)
+    results = []
+    for index, part in enumerate(chunks):
+        label = f"sampling {n} ({method})" + (f" {index + 1}/{len(chunks)}" if chunks[1:] else "")
+        reporter = SamplingProgress(label) if progress else None
+        try:
+            with torch.inference_mode():
+                results.append(
+                    integrate(
+                        field if reporter is None else reporter.wrap(field),
+                        x0[part].to(placement.device),
+                        method,
+                        steps=None if method == "dopri5" else steps,
+                        model_kwargs={
+                            k: v[part].to(placement.device) for k, v in model_kwargs.items()
+                        },
+                        return_trajectory=return_trajectory,
+                        **noise.integrate_kwargs(run.path.schedule, method, generator),
+                    )
+                )
+        finally:
+            if reporter is not None:
+                reporter.close()
+    return _joined(results)
 
 
 W2_MAX_ROWS = 5000  # exact W2 is an O(n^3) assignment: above this many rows it is left out
@@ -270,6 +318,7 @@ def sample_quality(
     seed: int = 0,
     progress: bool = False,
     noise: SamplerNoise | None = None,
+    placement: Placement | None = None,
 ) -> SampleQuality:
     """Energy distance, exact W2 and MMD of the run's samples against ``target.sample``; a
     context-conditioned run samples at contexts drawn from the target (the marginal)."""
@@ -285,6 +334,7 @@ def sample_quality(
         noise=noise,
         contexts=contexts,
         progress=progress,
+        placement=placement,
     )
     generator = torch.Generator().manual_seed(seed + 1)
     reference, other = target.sample(n, generator), target.sample(n, generator)
@@ -307,12 +357,22 @@ def held_out_quality(
     seed: int = 0,
     progress: bool = False,
     noise: SamplerNoise | None = None,
+    placement: Placement | None = None,
 ) -> SampleQuality:
     """The distances of ``sample_quality`` against an array run's held-out rows: ``min(n, rows)``
     model samples and as many distinct training rows (the noise level: how far the training data
     itself lies from the held-out rows)."""
     n = min(n, held_out.shape[0], train.shape[0])
-    result = generate(run, n, method=method, steps=steps, seed=seed, progress=progress, noise=noise)
+    result = generate(
+        run,
+        n,
+        method=method,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+        noise=noise,
+        placement=placement,
+    )
     generator = torch.Generator().manual_seed(seed + 1)
     reference = held_out[torch.randperm(held_out.shape[0], generator=generator)[:n]]
     other = train[torch.randperm(train.shape[0], generator=generator)[:n]]
@@ -389,24 +449,37 @@ class Likelihood:
 
 
 def likelihood(
-    run: Run, target: Any, n: int, seed: int = 0, jumps: int | None = None
+    run: Run,
+    target: Any,
+    n: int,
+    seed: int = 0,
+    jumps: int | None = None,
+    placement: Placement | None = None,
 ) -> Likelihood:
     """NLL by the exact-divergence ODE likelihood (dopri5, atol = rtol = 1e-5) or, with
     ``jumps``, through that many backward jumps of a flow-map run and the log-determinants of
-    their Jacobians (meaningful for runs trained on both time orders)."""
+    their Jacobians (meaningful for runs trained on both time orders); in the chunks of
+    ``placement`` (the NFE is the largest chunk's)."""
+    placement = placement or Placement()
     x1 = target.sample(n, torch.Generator().manual_seed(seed + 2))
     log_p0 = run.path.schedule.source_log_prob
-    if jumps is None:
-        res = log_likelihood(run.velocity(), x1, log_p0=log_p0, method="dopri5")
-    else:
-        res = flow_map_log_likelihood(run.model, x1, steps=jumps, log_p0=log_p0)
-    nll = -res.log_prob
+    run.model.to(placement.device)
+    log_probs, nfe = [], 0
+    for part in placement.chunks(n):
+        chunk = x1[part].to(placement.device)
+        if jumps is None:
+            res = log_likelihood(run.velocity(), chunk, log_p0=log_p0, method="dopri5")
+        else:
+            res = flow_map_log_likelihood(run.model, chunk, steps=jumps, log_p0=log_p0)
+        log_probs.append(res.log_prob.cpu())
+        nfe = max(nfe, res.nfe)
+    nll = -torch.cat(log_probs)
     exact = None
     if hasattr(target, "log_prob"):
         exact = float(-target.log_prob(x1).mean())
     return Likelihood(
         nll=float(nll.mean()),
-        nfe=res.nfe,
+        nfe=nfe,
         n=n,
         nll_stderr=float(nll.std() / n**0.5),
         exact_nll=exact,
@@ -460,6 +533,7 @@ def image_quality(
     features: str | None = None,
     progress: bool = False,
     noise: SamplerNoise | None = None,
+    placement: Placement | None = None,
 ) -> ImageQuality:
     """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
     features of the user's LeNet file ``features`` (trained on their labels by
@@ -477,6 +551,7 @@ def image_quality(
         guidance=guidance,
         progress=progress,
         noise=noise,
+        placement=placement,
     )
     generator = torch.Generator().manual_seed(seed + 3)
     metrics = image_metrics(
@@ -508,13 +583,23 @@ class BitsPerDim:
 
 
 def bits_per_dim_of_run(
-    run: Run, test: ImageDataset, n: int, seed: int = 0, probes: int = 1, batch: int = 100
+    run: Run,
+    test: ImageDataset,
+    n: int,
+    seed: int = 0,
+    probes: int = 1,
+    placement: Placement | None = None,
 ) -> BitsPerDim:
     """Hutchinson ODE likelihood (dopri5, atol = rtol = 1e-5) of ``n`` test images (given their
     labels, for a class-conditional run) under the
-    dequantisation ``y = 2 (v + u) / L - 1``; ``bpd = -log p(y) / (D ln 2) + log2(L / 2)``."""
+    dequantisation ``y = 2 (v + u) / L - 1``; ``bpd = -log p(y) / (D ln 2) + log2(L / 2)``.
+    The images are drawn on the CPU, the probes on the placement's device; chunks of
+    ``placement.batch_size`` images (default 100)."""
+    placement = placement or Placement(batch_size=100)
+    device = placement.device
     generator = torch.Generator().manual_seed(seed + 4)
     drawn = test.sample_labelled(n, generator)
+    probe_generator = torch.Generator(device).manual_seed(seed + 5)
     conditional = run.spec.num_classes is not None  # then log p(x | y) at the true labels
     if not conditional:
         labels = torch.zeros(n, dtype=torch.long)
@@ -524,17 +609,18 @@ def bits_per_dim_of_run(
         labels = drawn.label
     dims = drawn.x1[0].numel()
     bpd, nfe = [], 0
-    for chunk, y in zip(drawn.x1.split(batch), labels.split(batch), strict=True):
+    run.model.to(device)
+    for part in placement.chunks(n):
         res = log_likelihood(
             run.velocity(),
-            chunk,
+            drawn.x1[part].to(device),
             divergence="hutchinson",
             probes=probes,
-            generator=generator,
+            generator=probe_generator,
             log_p0=run.path.schedule.source_log_prob,
-            model_kwargs={"y": y} if conditional else None,
+            model_kwargs={"y": labels[part].to(device)} if conditional else None,
         )
-        bpd.append(bits_per_dim(res.log_prob, dims, test.levels))
+        bpd.append(bits_per_dim(res.log_prob.cpu(), dims, test.levels))
         nfe = max(nfe, res.nfe)
     values = torch.cat(bpd)
     return BitsPerDim(
@@ -573,6 +659,7 @@ def evaluate_run(
     features: str | None = None,
     progress: bool = False,
     noise: SamplerNoise | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     """The report of ``flowmatch eval``: quality at each step count and the likelihood.
 
@@ -583,8 +670,10 @@ def evaluate_run(
     file ``features`` or Inception-v3, and bits/dim. ``progress``: each sampling reports on
     stderr with an ETA, and each likelihood says when it starts. ``noise`` sets the
     stochastic samplers; the report's ``sampler`` names the method with its noise.
+    ``placement``: the device and chunk size of sampling and likelihoods.
     """
     noise = noise or SamplerNoise()
+    placement = placement or Placement()
     method = method or default_method(run)
     n = run.config.eval.samples if n is None else n
     requested: list[int | None] = [*steps] if steps else [None]
@@ -605,12 +694,14 @@ def evaluate_run(
     if image:
         extractor = (inception_weights, features)
         report.update(
-            _image_report(run, method, counts, n, seed, guidance, extractor, nll, progress, noise)
+            _image_report(
+                run, method, counts, n, seed, guidance, extractor, nll, progress, noise, placement
+            )
         )
     else:
         if guidance is not None:
             raise ConfigError("--guidance applies to class-conditional image runs")
-        report.update(_vector_report(run, method, counts, n, seed, nll, progress, noise))
+        report.update(_vector_report(run, method, counts, n, seed, nll, progress, noise, placement))
     return report
 
 
@@ -628,6 +719,7 @@ def _vector_report(
     nll: bool,
     progress: bool,
     noise: SamplerNoise,
+    placement: Placement,
 ) -> dict:
     data = build_data(run.config)
     target = data.target if data.target is not None else data.validation
@@ -645,9 +737,12 @@ def _vector_report(
     def measure(of: Run, how: str, steps: int | None) -> dict:
         own = noise if how == method else None  # the run's sampler, not the teacher's Euler
         if data.target is not None:
-            return asdict(sample_quality(of, data.target, how, steps, n, seed, progress, own))
+            quality = sample_quality(of, data.target, how, steps, n, seed, progress, own, placement)
+            return asdict(quality)
         train, held_out = data.train.data, target.data
-        return asdict(held_out_quality(of, train, held_out, how, steps, n, seed, progress, own))
+        return asdict(
+            held_out_quality(of, train, held_out, how, steps, n, seed, progress, own, placement)
+        )
 
     report: dict = {"metric": "energy", **_quality_rows(run, method, counts, measure)}
     if run.spec.context_dim is not None and data.target is not None:
@@ -659,10 +754,10 @@ def _vector_report(
     if nll and run.spec.context_dim is None:  # context runs: per-context rows instead
         n_nll = run.config.eval.nll_samples
         _announce(progress, f"likelihood of {n_nll} samples (dopri5, exact divergence)")
-        report["likelihood"] = asdict(likelihood(run, target, n_nll, seed))
+        report["likelihood"] = asdict(likelihood(run, target, n_nll, seed, None, placement))
         if run.is_flow_map and run.config.objective.both_orders:
             report["flow_map_likelihood"] = [
-                {"jumps": k, **asdict(likelihood(run, target, n_nll, seed, jumps=k))}
+                {"jumps": k, **asdict(likelihood(run, target, n_nll, seed, k, placement))}
                 for k in (1, 4)
             ]
     return report
@@ -679,6 +774,7 @@ def _image_report(
     nll: bool,
     progress: bool,
     noise: SamplerNoise,
+    placement: Placement,
 ) -> dict:
     cfg = run.config.data
     test = load_image_set(cfg.name, cfg.path, "test", cfg.test_fraction)
@@ -686,14 +782,26 @@ def _image_report(
     def measure(of: Run, how: str, steps: int | None) -> dict:
         own = noise if how == method else None  # as in _vector_report
         quality = image_quality(
-            of, test.images, how, steps, n, seed, guidance, *extractor, progress, own
+            of,
+            test.images,
+            how,
+            steps,
+            n,
+            seed,
+            guidance,
+            *extractor,
+            progress=progress,
+            noise=own,
+            placement=placement,
         )
         return asdict(quality)
 
     report: dict = {"metric": "frechet_distance", **_quality_rows(run, method, counts, measure)}
     if nll:
         _announce(progress, f"bits/dim of {run.config.eval.nll_samples} test images (dopri5)")
-        bpd = bits_per_dim_of_run(run, ImageDataset(test), run.config.eval.nll_samples, seed)
+        test_set, n_bpd = ImageDataset(test), run.config.eval.nll_samples
+        chunked = Placement(placement.device, placement.batch_size or 100)
+        bpd = bits_per_dim_of_run(run, test_set, n_bpd, seed, placement=chunked)
         report["bits_per_dim"] = asdict(bpd)
     return report
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -21,9 +21,12 @@ from flowmatch.app.objectives import DISTILLATIONS, OBJECTIVES
 from flowmatch.app.presets import PRESETS
 from flowmatch.extras import MissingExtra
 from flowmatch.training.checkpoint import CheckpointError
-from flowmatch.training.config import ConfigError
+from flowmatch.training.config import ConfigError, resolve_device
 from flowmatch.training.files import RunFileError
 from flowmatch.training.loop import TrainingDiverged
+
+if TYPE_CHECKING:
+    from flowmatch.app.evaluation import Placement
 
 EXIT_USAGE = 2
 
@@ -73,6 +76,27 @@ def _add_noise_options(parser: argparse.ArgumentParser) -> None:
 
 def _noise(args: argparse.Namespace) -> SamplerNoise:
     return SamplerNoise(args.diffusion, args.diffusion_schedule, args.gamma)
+
+
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cpu", help="auto, cpu, cuda or cuda:N to generate on (default cpu)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="generate (and compute likelihoods) N items at a time (default: all at once)",
+    )
+
+
+def _placement(args: argparse.Namespace) -> Placement:
+    """The device and chunk size of ``--device`` and ``--batch-size``, checked."""
+    from flowmatch.app.evaluation import Placement
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return Placement(resolve_device(args.device), args.batch_size)
 
 
 def _config_keys_help() -> str:
@@ -172,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample [n, C] (a row of NaN: no context)",
     )
     _add_noise_options(sample)
+    _add_placement(sample)
 
     evaluate = commands.add_parser("eval", help="measure a trained run")
     evaluate.add_argument("run_dir", type=Path)
@@ -196,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--no-nll", action="store_true", help="skip the likelihood")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_placement(evaluate)
 
     export = commands.add_parser("export", help="write safetensors weights and config JSON")
     export.add_argument("run_dir", type=Path)
@@ -254,6 +280,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     )
     from flowmatch.app.runs import load_run
 
+    placement = _placement(args)
     run = load_run(args.run_dir)
     method = args.solver or default_method(run)
     noise = _noise(args)
@@ -272,6 +299,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         progress=True,
         noise=noise,
         contexts=contexts,
+        placement=placement,
     )
     written = write_samples(run, result, args.out, args.png_dir)
     note = "; clamped to the data range [-1, 1], pixels in [0, 255]" if run.spec.levels else ""
@@ -283,6 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from flowmatch.app.runs import load_run
     from flowmatch.cli.evaluate import print_report
 
+    placement = _placement(args)
     run = load_run(args.run_dir)
     report = evaluate_run(
         run,
@@ -296,6 +325,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         features=args.features,
         progress=True,
         noise=_noise(args),
+        placement=placement,
     )
     write_report(run, report, args.steps)
     if args.json:

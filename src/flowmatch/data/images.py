@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import pickle
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,13 +328,17 @@ def _read_image(path: Path) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def load_image_folder(directory: str | Path) -> ImageData:
-    """PNG/JPEG files of one size (8-bit, 256 levels) in ``directory``, sorted by path.
+@dataclass(frozen=True)
+class ImageFiles:
+    """The image files of a folder, sorted by path, and their labels (``None``: unlabelled)."""
 
-    Images directly in ``directory`` are unlabelled; images in sub-folders (and none directly)
-    are labelled by the index of their sub-folder in sorted order. Alpha is dropped; a grayscale
-    file in a colour set, or sizes that differ, raise ``ValueError``.
-    """
+    files: list[Path]
+    labels: Tensor | None
+
+
+def list_image_folder(directory: str | Path) -> ImageFiles:
+    """The PNG/JPEG files in ``directory`` without reading them: the files directly in it
+    (unlabelled), else those in its sub-folders, labelled by the sub-folder's sorted index."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such folder of images")
@@ -351,43 +356,178 @@ def load_image_folder(directory: str | Path) -> ImageData:
         files, labels = [f for f, _ in labelled], [k for _, k in labelled]
     if not files:
         raise ValueError(f"{directory}: no .png/.jpg/.jpeg images found")
-    arrays = [_read_image(f) for f in files]
-    for path, array in zip(files, arrays, strict=True):
-        if array.shape != arrays[0].shape:
-            raise ValueError(
-                f"{path}: shape {list(array.shape)} differs from {list(arrays[0].shape)} of "
-                f"{files[0]}; all images must have the same size and channels"
-            )
-    return ImageData(
-        images=torch.from_numpy(np.stack(arrays)),
-        labels=None if labels is None else torch.tensor(labels, dtype=torch.int64),
-        levels=256,
-    )
+    return ImageFiles(files, None if labels is None else torch.tensor(labels, dtype=torch.int64))
 
 
-def split_images(data: ImageData, split: str, test_fraction: float, seed: int = 0) -> ImageData:
-    """The ``split`` ("train" or "test") of ``data`` under a seeded permutation of its items: the
-    first ``round(test_fraction * N)`` (at least 1 if the fraction is positive) are the test split.
+def _check_same_shape(path: Path, array: np.ndarray, first: Path, shape: tuple[int, ...]) -> None:
+    if array.shape != shape:
+        raise ValueError(
+            f"{path}: shape {list(array.shape)} differs from {list(shape)} of {first}; all "
+            "images must have the same size and channels"
+        )
 
-    For a folder the items are its files sorted by path, so the same folder, fraction and seed
-    give the same split; at fraction 0 every item trains (and asking for the test split is a
-    ``ValueError``).
+
+def load_image_folder(directory: str | Path) -> ImageData:
+    """PNG/JPEG files of one size (8-bit, 256 levels) in ``directory``, sorted by path.
+
+    Images directly in ``directory`` are unlabelled; images in sub-folders (and none directly)
+    are labelled by the index of their sub-folder in sorted order. Alpha is dropped; a grayscale
+    file in a colour set, or sizes that differ, raise ``ValueError``.
     """
+    listed = list_image_folder(directory)
+    arrays = [_read_image(f) for f in listed.files]
+    for path, array in zip(listed.files, arrays, strict=True):
+        _check_same_shape(path, array, listed.files[0], arrays[0].shape)
+    return ImageData(images=torch.from_numpy(np.stack(arrays)), labels=listed.labels, levels=256)
+
+
+def split_index(n: int, split: str, test_fraction: float, seed: int = 0) -> Tensor | None:
+    """The items of ``split`` ("train" or "test") among ``n`` under a seeded permutation: the
+    first ``round(test_fraction * n)`` (at least 1 if the fraction is positive) are the test
+    split. ``None`` at fraction 0: every item trains, in order (the test split is then a
+    ``ValueError``)."""
     _check_split(split)
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    n = data.images.shape[0]
     n_test = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
     if n_test == 0:
         if split == "test":
             raise ValueError("the folder has no test split: set data.test_fraction above 0")
-        return data  # everything trains, in file order
+        return None
     if n - n_test < 1:
         raise ValueError(f"too few images ({n}) for a test fraction of {test_fraction}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    index = order[:n_test] if split == "test" else order[n_test:]
+    return order[:n_test] if split == "test" else order[n_test:]
+
+
+def split_images(data: ImageData, split: str, test_fraction: float, seed: int = 0) -> ImageData:
+    """The ``split`` ("train" or "test") of ``data`` by :func:`split_index`.
+
+    For a folder the items are its files sorted by path, so the same folder, fraction and seed
+    give the same split; at fraction 0 every item trains.
+    """
+    index = split_index(data.images.shape[0], split, test_fraction, seed)
+    if index is None:
+        return data  # everything trains, in file order
     labels = None if data.labels is None else data.labels[index]
     return ImageData(images=data.images[index], labels=labels, levels=data.levels)
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Decodes file ``i`` of ``files`` to uint8 ``[C, H, W]``; a file that does not read
+    comes back as its error message (raised by the caller, in one line)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> np.ndarray | str:
+        try:
+            return _read_image(self.files[index])
+        except ValueError as error:
+            return str(error)
+
+
+class _Pending:
+    """The batch sampler of a persistent DataLoader: the index chunks of the current call."""
+
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+class StreamingImageFolder:
+    """A folder's ``split`` read from disk on demand: the files are listed and split once
+    (:func:`split_index`, as :func:`load_image_set` splits a loaded folder), and ``sample``
+    decodes only the files it draws, in ``workers`` DataLoader processes (0: in the calling
+    process). Nothing decoded is kept between calls, so a folder larger than memory trains.
+
+    The indices and dequantisation offsets are drawn from ``generator`` exactly as
+    :class:`ImageDataset` draws them, so both give the same batches of the same split; the
+    items come back on the CPU. Every file must have the size and channels of the first.
+    """
+
+    levels = 256
+
+    def __init__(
+        self,
+        directory: str | Path,
+        split: str = "train",
+        test_fraction: float = 0.0,
+        dequantize: bool = True,
+        workers: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        listed = list_image_folder(directory)
+        index = split_index(len(listed.files), split, test_fraction)
+        files, labels = listed.files, listed.labels
+        if index is not None:
+            files = [files[i] for i in index.tolist()]
+            labels = None if labels is None else labels[index]
+        self.files, self.labels = files, labels
+        self.dequantize, self.dtype, self.workers = dequantize, dtype, workers
+        self._decoder = _Decoder(files)
+        self._shape = tuple(_read_image(files[0]).shape)
+        self._pending = _Pending()
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of the first file."""
+        return self._shape
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: Tensor) -> Tensor:
+        """The files at ``index`` decoded, uint8 ``[n, C, H, W]`` on the CPU."""
+        chosen = index.tolist()
+        if self.workers == 0:
+            arrays = [self._decoder[i] for i in chosen]
+        else:
+            if self._loader is None:  # the workers start once and serve every later call
+                self._loader = torch.utils.data.DataLoader(
+                    self._decoder,
+                    batch_sampler=self._pending,
+                    num_workers=self.workers,
+                    collate_fn=list,
+                    persistent_workers=True,
+                    generator=torch.Generator(),  # the workers' seeds: not the global RNG
+                )
+            size = -(-len(chosen) // self.workers)
+            self._pending.chunks = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+            arrays = [array for chunk in self._loader for array in chunk]
+        for i, array in zip(chosen, arrays, strict=True):
+            if isinstance(array, str):
+                raise ValueError(array)
+            _check_same_shape(self.files[i], array, self.files[0], self._shape)
+        return torch.from_numpy(np.stack(arrays))
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> ImageBatch:
+        """``n`` images in model space with their labels (``None`` for an unlabelled folder)."""
+        device = draw_device(generator)
+        index = torch.randint(len(self.files), (n,), generator=generator, device=device)
+        if self.dequantize:
+            noise = torch.rand(
+                (n, *self.shape), generator=generator, dtype=self.dtype, device=device
+            ).cpu()
+        else:
+            noise = torch.full((), 0.5, dtype=self.dtype)
+        index = index.cpu()
+        x1 = to_model_space(self.read(index), self.levels, noise)
+        label = None if self.labels is None else self.labels[index]
+        return ImageBatch(x1=x1, label=label)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``[n, C, H, W]`` images in model space (``sample_labelled(...).x1``)."""
+        return self.sample_labelled(n, generator).x1
 
 
 IMAGE_SETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
