@@ -278,3 +278,21 @@ def test_drop_labels_is_per_sample_at_rate_p():
     # Per sample: in batches of 8, the mix of dropped and kept rows occurs (not all-or-nothing).
     per_batch = is_null.view(-1, 8).sum(dim=1)
     assert ((per_batch > 0) & (per_batch < 8)).any()
+
+
+def test_flow_map_jvp_through_the_unet_takes_channels_last_images():
+    from flowmatch.losses import SelfDistillationObjective, lsd
+    from flowmatch.paths import AffinePath, CondOTSchedule
+
+    torch.manual_seed(0)
+    backbone = UNet(
+        in_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+        attention_resolutions=(), num_groups=4, image_size=8, num_times=2,
+    )  # fmt: skip
+    objective = SelfDistillationObjective(AffinePath(CondOTSchedule()), lsd, diagonal_fraction=0.5)
+    x1 = torch.randn(4, 3, 8, 8)
+    losses = [
+        objective(FlowMapNet(backbone), {"x1": batch}, 0, torch.Generator().manual_seed(1))
+        for batch in (x1, x1.contiguous(memory_format=torch.channels_last))
+    ]
+    torch.testing.assert_close(losses[1], losses[0])

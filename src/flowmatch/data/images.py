@@ -325,7 +325,7 @@ def _read_image(path: Path) -> np.ndarray:
             array = np.asarray(image.convert("L" if image.mode in ("1", "L", "LA") else "RGB"))
     except OSError as error:  # PIL's UnidentifiedImageError is one
         raise ValueError(f"{path}: cannot read as an image ({error})") from error
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
 @dataclass(frozen=True)

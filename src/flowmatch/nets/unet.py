@@ -298,7 +298,9 @@ class UNet(nn.Module):
                 raise ValueError(f"class-conditional model: pass y (null label {self.null_label})")
             emb = emb + self.label_embed(y)
         emb = emb + context_embedding(self.context_embed, context)
-        h = self.input_conv(x)
+        # Channels-last input would carry its layout to GroupNorm, whose forward-mode derivative
+        # (torch.func.jvp of the flow-map objectives) needs contiguous activations.
+        h = self.input_conv(x.contiguous())
         skips = [h]
         for block in self.down:
             h = block(h, emb)
