@@ -15,7 +15,7 @@ from flowmatch.app.config import read_config_file
 from flowmatch.app.objectives import OBJECTIVES
 from flowmatch.app.presets import PRESETS, preset_config
 from flowmatch.cli.main import main
-from flowmatch.training import TrainConfig, latest_checkpoint, train
+from flowmatch.training import TrainConfig, latest_checkpoint, load_checkpoint, train
 
 TINY = ["model.hidden=16", "model.depth=2", "train.batch_size=32", "train.log_every=5"]
 
@@ -147,3 +147,15 @@ def test_every_objective_is_one_registry_entry_the_cli_reads(capsys):
             assert callable(objective), name
     for preset in PRESETS.values():
         assert preset.build().objective.name in OBJECTIVES
+
+
+def test_prefetching_the_next_batches_changes_no_bit(tmp_path):
+    # The data draw and exact-OT coupling of step k + 1 run in a background thread while step
+    # k trains: every tensor of the checkpoint (weights, EMA, optimizer moments) must be the
+    # plain loop's, bit for bit (only the recorded train.prefetch differs).
+    for prefetch in ("false", "true"):
+        _train(tmp_path / prefetch, "path.coupling=exact-ot", f"train.prefetch={prefetch}")
+    plain, prefetched = _weights(tmp_path / "false"), _weights(tmp_path / "true")
+    assert plain.keys() == prefetched.keys()
+    assert all(torch.equal(plain[k], prefetched[k]) for k in plain)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "true")).config["train"]["prefetch"]

@@ -221,7 +221,11 @@ def build_path(config: RunConfig) -> AffinePath:
 def build_coupling(config: RunConfig) -> Callable[..., Tensor]:
     cfg = config.path
     if cfg.coupling == "exact-ot":
-        return ExactOTCoupling(block_size=cfg.ot_block_size, condition_weight=cfg.condition_weight)
+        return ExactOTCoupling(
+            block_size=cfg.ot_block_size,
+            condition_weight=cfg.condition_weight,
+            blocks=cfg.ot_blocks,
+        )
     if cfg.coupling == "sinkhorn":
         return SinkhornCoupling(condition_weight=cfg.condition_weight)
     return IndependentCoupling()

@@ -162,6 +162,9 @@ class PathConfig:
     sigma_min: float = 0.0  # cond-ot
     coupling: Literal["independent", "exact-ot", "sinkhorn"] = "independent"
     ot_block_size: int | None = None  # exact-ot: pair blocks of this size (a fraction of the cost)
+    # exact-ot blocks: consecutive slices of the batch, or sorted (noise and data blocks of
+    # corresponding regions: plans closer to the whole batch's)
+    ot_blocks: Literal["consecutive", "sorted"] = "consecutive"
     time_sampler: Literal["uniform", "logit-normal"] = "uniform"
     condition_aware: bool = True  # OT couplings on labelled / context data pair within
     # conditions (C2OT); false: plain OT, which ignores them
@@ -174,6 +177,8 @@ class PathConfig:
         check_range("ot_block_size", self.ot_block_size, 1, MAX_BATCH, optional=True)
         if self.ot_block_size is not None and self.coupling != "exact-ot":
             raise ConfigError(f"ot_block_size applies to coupling=exact-ot, not {self.coupling}")
+        if self.ot_blocks != "consecutive" and self.ot_block_size is None:
+            raise ConfigError("ot_blocks applies to block-wise exact OT: set path.ot_block_size")
         check_range("condition_weight", self.condition_weight, 0.0, 1e12)
         defaults = (("condition_aware", True), ("condition_weight", 1.0))
         changed = [key for key, default in defaults if getattr(self, key) != default]

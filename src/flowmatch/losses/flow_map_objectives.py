@@ -34,7 +34,7 @@ from flowmatch.losses.flow_maps import (
     progressive_map_distillation_loss,
     progressive_self_distillation_loss,
 )
-from flowmatch.losses.flow_matching import batch_condition, conditioning, couple
+from flowmatch.losses.flow_matching import conditioning, paired_noise
 from flowmatch.paths.affine import AffinePath, PathSample
 from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
 from flowmatch.solvers.steps import euler_step
@@ -76,17 +76,21 @@ class _FlowMapObjective(nn.Module):
         self.coupling: Coupling | None = None
         self.condition_aware = True
 
+    def prepare(
+        self, batch: dict[str, Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """``batch`` with its paired noise ``x0`` (:func:`~flowmatch.losses.flow_matching.
+        paired_noise`), used as it is by ``forward``."""
+        return {**batch, "x0": paired_noise(batch, self.coupling, self.condition_aware, generator)}
+
     def _draw(
         self, batch: dict[str, Tensor], generator: torch.Generator | None
     ) -> tuple[PathSample, TimePairs, dict[str, Tensor]]:
+        if "x0" not in batch:
+            batch = self.prepare(batch, generator)
         x1 = batch["x1"]
-        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        kw = conditioning(batch)
-        if self.coupling is not None:
-            condition = batch_condition(kw) if self.condition_aware else None
-            x0 = couple(self.coupling, x0, x1, generator, condition)
         pairs = self.time_pairs(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)
-        return self.path.sample(x0, x1, pairs.s), pairs, kw
+        return self.path.sample(batch["x0"], x1, pairs.s), pairs, conditioning(batch)
 
     def _weigh(self, loss: Tensor, pairs: TimePairs) -> Tensor:
         return loss if self.loss_weight is None else self.loss_weight.weigh(loss, pairs.s, pairs.t)

@@ -46,6 +46,23 @@ def batch_condition(model_kwargs: Mapping[str, Tensor]) -> Tensor | None:
     return model_kwargs.get("y", model_kwargs.get("context"))
 
 
+def paired_noise(
+    batch: Mapping[str, Tensor],
+    coupling: Coupling | None,
+    condition_aware: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The noise ``x0 ~ N(0, I)`` of ``batch["x1"]``, paired with it by ``coupling`` (within the
+    batch's labels or contexts when ``condition_aware``): the part of a training step that does
+    not touch the model, which a loop may compute for the next step while this one trains."""
+    x1 = batch["x1"]
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    if coupling is None:
+        return x0
+    condition = batch_condition(conditioning(batch)) if condition_aware else None
+    return couple(coupling, x0, x1, generator, condition)
+
+
 def cfm_loss(
     model: VelocityField,
     x1: Tensor,
@@ -106,6 +123,13 @@ class FlowMatchingObjective:
     time_sampler: TimeSampler | None = None
     condition_aware: bool = True
 
+    def prepare(
+        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """``batch`` with its paired noise ``x0`` (:func:`paired_noise`); ``__call__`` uses a
+        prepared ``x0`` as it is, so preparing first draws the same numbers as not."""
+        return {**batch, "x0": paired_noise(batch, self.coupling, self.condition_aware, generator)}
+
     def __call__(
         self,
         model: VelocityField,
@@ -113,17 +137,16 @@ class FlowMatchingObjective:
         step: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        model_kwargs = conditioning(batch)
-        condition = batch_condition(model_kwargs) if self.condition_aware else None
+        if "x0" not in batch:
+            batch = self.prepare(batch, generator)
         return cfm_loss(
             model,
             batch["x1"],
             self.path,
-            coupling=self.coupling,
+            x0=batch["x0"],
             time_sampler=self.time_sampler,
             generator=generator,
-            model_kwargs=model_kwargs,
-            condition=condition,
+            model_kwargs=conditioning(batch),
         )
 
     def state_dict(self) -> dict[str, Any]:

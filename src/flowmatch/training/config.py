@@ -76,6 +76,9 @@ class TrainConfig:
     val_every: int | None = _free(None)  # None: validate at every logging step
     device: str = _free("auto")  # auto: the local CUDA device if there is one, else cpu
     num_threads: int | None = _free(None)  # torch.set_num_threads; None: torch's default
+    # Draw and prepare the next step's micro-batches (data, noise, OT coupling) in a background
+    # thread while this step trains; the same numbers either way.
+    prefetch: bool = _free(False)
     loggers: tuple[str, ...] = _free(())  # beside metrics.jsonl: csv, tensorboard (loggers.py)
 
     def __post_init__(self) -> None:

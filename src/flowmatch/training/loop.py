@@ -24,6 +24,7 @@ import math
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -265,14 +266,14 @@ def _loop(
     """The optimisation loop: micro-steps, optimizer step, EMA; at intervals, log and check,
     validate, checkpoint."""
     device = ctx.device
-    micro_batches = range(ctx.rank, cfg.batch_size // micro_size, ctx.world_size)
-    generator = torch.Generator(device)  # re-seeded per micro-batch, never re-allocated
+    indices = range(ctx.rank, cfg.batch_size // micro_size, ctx.world_size)
+    micro_batches = _MicroBatches(source, state.objective, cfg, device, micro_size, indices)
     global_rngs = [torch.default_generator]
     if device.type == "cuda":
         global_rngs.append(torch.cuda.default_generators[device.index])
     started = interval_start = time.perf_counter()
     loss = val_loss = None
-    with Progress(run, state.step, cfg.steps, ctx.is_main, cfg.loggers) as progress:
+    with micro_batches, Progress(run, state.step, cfg.steps, ctx.is_main, cfg.loggers) as progress:
         while state.step < cfg.steps:
             done = state.step + 1
             log_now = done % cfg.log_every == 0 or done == cfg.steps
@@ -291,12 +292,10 @@ def _loop(
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
 
-            for j in micro_batches:
-                generator.manual_seed(micro_batch_seed(cfg.seed, state.step, j))
+            for j, batch, generator in micro_batches.of_step(state.step):
                 for rng in global_rngs:
                     rng.manual_seed(micro_batch_seed(cfg.seed, state.step, j, stream=1))
-                batch = _as_batch(source.sample(micro_size, generator), device)
-                _micro_step(state, batch, generator, cfg, ctx, j == micro_batches[-1], micro_size)
+                _micro_step(state, batch, generator, cfg, ctx, j == indices[-1], micro_size)
             if cfg.grad_clip is not None or log_now:  # the norm of the all-reduced gradient
                 grad_norm = _clip_grad_norm(state, cfg.grad_clip, ctx)
             state.optimizer.step()
@@ -340,6 +339,61 @@ def _loop(
     return TrainResult(
         state.step, loss, val_loss, state.ema, state.last_checkpoint, time.perf_counter() - started
     )
+
+
+class _MicroBatches:
+    """The micro-batches ``j`` of a step: ``source.sample`` from a generator seeded by
+    ``micro_batch_seed(seed, step, j)``, then the objective's ``prepare`` (its model-free part,
+    e.g. the noise and its OT coupling) on the same generator, which the forward pass goes on
+    drawing from. With ``train.prefetch`` the next step's are made in a background thread while
+    this one trains (a coupling's solver runs beside the network); the numbers are the same."""
+
+    def __init__(
+        self,
+        source: DataSource,
+        objective: Objective,
+        cfg: TrainConfig,
+        device: torch.device,
+        micro_size: int,
+        indices: range,
+    ) -> None:
+        self.source, self.cfg, self.device = source, cfg, device
+        self.micro_size, self.indices = micro_size, indices
+        self.prepare: Callable[..., dict[str, Tensor]] | None = getattr(objective, "prepare", None)
+        self.pool = ThreadPoolExecutor(max_workers=1) if cfg.prefetch else None
+        self.pending: tuple[int, Future] | None = None
+
+    def _make(self, step: int) -> list[tuple[int, dict[str, Tensor], torch.Generator]]:
+        made = []
+        for j in self.indices:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(micro_batch_seed(self.cfg.seed, step, j))
+            batch = _as_batch(self.source.sample(self.micro_size, generator), self.device)
+            if self.prepare is not None:
+                batch = self.prepare(batch, generator)
+            made.append((j, batch, generator))
+        return made
+
+    def of_step(self, step: int) -> list[tuple[int, dict[str, Tensor], torch.Generator]]:
+        if self.pool is None:
+            return self._make(step)
+        made = self.pending[1].result() if self.pending and self.pending[0] == step else None
+        if made is None:
+            made = self._make(step)
+        following = step + 1
+        self.pending = (
+            (following, self.pool.submit(self._make, following))
+            if following < self.cfg.steps
+            else None
+        )
+        return made
+
+    def __enter__(self) -> _MicroBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _micro_step(
