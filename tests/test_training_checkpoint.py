@@ -153,4 +153,5 @@ def test_the_resume_rule_frees_only_the_train_keys_that_keep_the_stream():
         "train.device",
         "train.num_threads",
         "train.loggers",
+        "train.prefetch",
     } == RESUMABLE_KEYS
