@@ -331,9 +331,7 @@ class ShortcutObjective(_FlowMapObjective):
         point, pairs, kw = self._draw(batch, generator)
 
         def diagonal(rows: slice) -> Tensor:
-            return diagonal_flow_matching_loss(
-                model, point.x_t[rows], pairs.t[rows], point.velocity[rows], _rows(kw, rows)
-            )
+            return self._diagonal(model, point, pairs, kw, rows)
 
         def self_consistency(rows: slice) -> Tensor:
             s, d = pairs.s[rows], 0.5 * (pairs.t[rows] - pairs.s[rows])
@@ -382,9 +380,7 @@ class SplitMeanFlowObjective(_FlowMapObjective):
         gamma = torch.rand(num_off, generator=generator, device=x1.device, dtype=x1.dtype)
 
         def diagonal(rows: slice) -> Tensor:
-            return diagonal_flow_matching_loss(
-                model, point.x_t[rows], pairs.t[rows], point.velocity[rows], _rows(kw, rows)
-            )
+            return self._diagonal(model, point, pairs, kw, rows)
 
         def split(rows: slice) -> Tensor:
             x_s, s, t = point.x_t[rows], pairs.s[rows], pairs.t[rows]
@@ -429,9 +425,7 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
         point, pairs, kw = self._draw(batch, generator)
 
         def diagonal(rows: slice) -> Tensor:
-            squared_error = diagonal_flow_matching_loss(
-                model, point.x_t[rows], pairs.t[rows], point.velocity[rows], _rows(kw, rows)
-            )
+            squared_error = self._diagonal(model, point, pairs, kw, rows)
             return adaptive_weight(squared_error, self.power, self.eps) * squared_error
 
         def mean_flow(rows: slice) -> Tensor:
@@ -505,9 +499,7 @@ class AlphaFlowObjective(_FlowMapObjective):
         alpha = self.alpha(step)
 
         def diagonal(rows: slice) -> Tensor:
-            squared_error = diagonal_flow_matching_loss(
-                model, point.x_t[rows], pairs.t[rows], point.velocity[rows], _rows(kw, rows)
-            )
+            squared_error = self._diagonal(model, point, pairs, kw, rows)
             return adaptive_weight(squared_error, 1.0, self.eps) * squared_error
 
         def trajectory(rows: slice) -> Tensor:
@@ -698,9 +690,7 @@ class ContinuousConsistencyObjective(_FlowMapObjective):
         warmup = self.warmup(step)
 
         def diagonal(rows: slice) -> Tensor:
-            return diagonal_flow_matching_loss(
-                model, point.x_t[rows], pairs.t[rows], point.velocity[rows], _rows(kw, rows)
-            )
+            return self._diagonal(model, point, pairs, kw, rows)
 
         def consistency(rows: slice) -> Tensor:
             x_s, s, t, row_kw = point.x_t[rows], pairs.s[rows], pairs.t[rows], _rows(kw, rows)

@@ -92,6 +92,14 @@ class _FlowMapObjective(nn.Module):
         pairs = self.time_pairs(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)
         return self.path.sample(batch["x0"], x1, pairs.s), pairs, conditioning(batch)
 
+    @staticmethod
+    def _diagonal(
+        model: FlowMap, point: PathSample, pairs: TimePairs, kw: dict[str, Tensor], rows: slice
+    ) -> Tensor:
+        """``|v_{t,t}(x_t) - dI_t/dt|^2`` of the samples ``rows``: flow matching on the diagonal."""
+        x_t, t, velocity = point.x_t[rows], pairs.t[rows], point.velocity[rows]
+        return diagonal_flow_matching_loss(model, x_t, t, velocity, _rows(kw, rows))
+
     def _weigh(self, loss: Tensor, pairs: TimePairs) -> Tensor:
         return loss if self.loss_weight is None else self.loss_weight.weigh(loss, pairs.s, pairs.t)
 
@@ -181,8 +189,7 @@ class SelfDistillationObjective(_FlowMapObjective):
         point, pairs, kw = self._draw(batch, generator)
 
         def diagonal(rows: slice) -> Tensor:
-            x_t, t, velocity = point.x_t[rows], pairs.t[rows], point.velocity[rows]
-            return diagonal_flow_matching_loss(model, x_t, t, velocity, _rows(kw, rows))
+            return self._diagonal(model, point, pairs, kw, rows)
 
         def off_diagonal(rows: slice) -> Tensor:
             x_s, s, t = point.x_t[rows], pairs.s[rows], pairs.t[rows]
@@ -227,8 +234,7 @@ class MeanFlowObjective(_FlowMapObjective):
         point, pairs, kw = self._draw(batch, generator)
 
         def diagonal(rows: slice) -> Tensor:
-            x_t, t, velocity = point.x_t[rows], pairs.t[rows], point.velocity[rows]
-            squared_error = diagonal_flow_matching_loss(model, x_t, t, velocity, _rows(kw, rows))
+            squared_error = self._diagonal(model, point, pairs, kw, rows)
             return adaptive_weight(squared_error, self.power, self.eps) * squared_error
 
         def mean_flow(rows: slice) -> Tensor:
