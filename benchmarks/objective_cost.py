@@ -37,17 +37,22 @@ NETS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[in
     "mlp": (lambda: velocity_mlp(2), lambda: flow_map_mlp(2), (2,), 256),
     "unet": (small_unet, lambda: FlowMapNet(small_unet(num_times=2)), (1, 28, 28), 64),
 }
-# Every registered objective that trains on the run's data (reflow trains on a teacher's pairs).
+# Every registered objective that trains on the run's data (reflow trains on a teacher's pairs),
+# and the JVP objectives with their time derivative by finite differences (``NAME:fd``).
 OBJECTIVES = tuple(n for n, e in REGISTRY.items() if not e.trains_on_teacher_pairs)
+OBJECTIVES += ("lsd:fd", "esd:fd", "meanflow:fd", "lmd:fd")
 
 
 def make_step(net_name: str, objective: str, seed: int = 0) -> Callable[[], Tensor]:
     """One training step of ``objective`` on the ``net_name`` networks, as a closure."""
     make_velocity, make_flow_map, shape, batch = NETS[net_name]
-    entry = REGISTRY[objective]
+    name, _, variant = objective.partition(":")
+    entry = REGISTRY[name]
     velocity = build_net(make_velocity, seed)
     teacher = "teacher" if entry.teacher else None  # the teacher is the velocity net below
-    config = RunConfig(objective=ObjectiveConfig(name=objective, teacher=teacher))
+    derivative = "finite_difference" if variant == "fd" else "jvp"
+    objective_config = ObjectiveConfig(name=name, teacher=teacher, time_derivative=derivative)
+    config = RunConfig(objective=objective_config)
     model = build_net(make_flow_map, seed) if entry.is_flow_map else velocity
     loss_fn = build_objective(config, velocity.requires_grad_(False) if entry.teacher else None)
     optimiser = make_optimiser(model)
