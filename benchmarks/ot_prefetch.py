@@ -30,6 +30,17 @@ VARIANTS = {
         "path.ot_block_size=128",
         "train.prefetch=true",
     ],
+    "sorted block-ot 128": [
+        "path.coupling=exact-ot",
+        "path.ot_block_size=128",
+        "path.ot_blocks=sorted",
+    ],
+    "sorted block-ot 128 + prefetch": [
+        "path.coupling=exact-ot",
+        "path.ot_block_size=128",
+        "path.ot_blocks=sorted",
+        "train.prefetch=true",
+    ],
 }
 
 
@@ -50,21 +61,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--presets", default="checkerboard,eight-gaussians")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     args = parser.parse_args()
+    variants = {"independent": [], **{n: VARIANTS[n] for n in args.variants.split(",")}}
     root = Path(tempfile.mkdtemp())
     print(f"steps/s relative to independent coupling, batch {args.batch}, {args.steps} steps, "
           f"median [min-max] of {args.repeats} interleaved repeats")  # fmt: skip
     for preset in args.presets.split(","):
-        speeds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        speeds: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
-            for name, extra in VARIANTS.items():
+            for name, extra in variants.items():
                 folder = root / f"{preset}-{name.replace(' ', '')}-{repeat}"
                 speeds[name].append(steps_per_second(preset, args.steps, extra, args.batch, folder))
         base = speeds["independent"]
         for name, values in speeds.items():
             ratios = [v / b for v, b in zip(values, base, strict=True)]
             print(
-                f"{preset:>16} {name:>24}: {statistics.median(ratios):.2f} "
+                f"{preset:>16} {name:>31}: {statistics.median(ratios):.2f} "
                 f"[{min(ratios):.2f}-{max(ratios):.2f}]  ({statistics.median(values):.0f} steps/s)"
             )
 
