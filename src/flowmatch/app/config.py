@@ -10,7 +10,6 @@ line naming the key.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -363,11 +362,6 @@ def with_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             item = f"{key.strip()}.name={value}"
         expanded.append(item)
     return apply_overrides(config, expanded)
-
-
-def replace_section(config: RunConfig, **sections: object) -> RunConfig:
-    """``config`` with whole sections replaced, checked again as a whole."""
-    return dataclasses.replace(config, **sections)  # type: ignore[arg-type]
 
 
 def read_config_file(path: str | Path, root: str | Path | None = None) -> RunConfig:

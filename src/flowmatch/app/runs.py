@@ -126,7 +126,7 @@ def load_run(
     if exported and folder.weights.exists():
         weights, step = _read_export(folder)
     else:
-        weights, step = _read_checkpoint(folder, checkpoint, compare=model is None)
+        weights, step = _read_checkpoint(folder, config, checkpoint, compare=model is None)
     model = model if model is not None else build_model(config, spec)
     check_state(folder.weights if exported else folder.root, "ema", weights, model.state_dict())
     model.load_state_dict(weights)
@@ -147,26 +147,28 @@ def _train_section(folder: RunFolder) -> RunConfig:
 
 
 def _read_checkpoint(
-    folder: RunFolder, checkpoint: str | Path | None, compare: bool
+    folder: RunFolder, config: RunConfig, checkpoint: str | Path | None, compare: bool
 ) -> tuple[dict[str, Tensor], int]:
-    """The EMA weights and step of ``checkpoint`` (default: the latest); with ``compare``, its
-    config must agree with config.json by the resume rule (config.json is rewritten at each
-    resume). Both are read through the schema, so a key added since takes its default."""
+    """The EMA weights and step of ``checkpoint`` (default: the latest), at most the run's
+    ``train.steps``; with ``compare``, its config must agree with ``config`` (the folder's
+    config.json, rewritten at each resume) by the resume rule. Both are read through the
+    schema, so a key added since takes its default."""
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(folder.root)
     if path is None:
         raise CheckpointError(f"{folder.root} has no checkpoint yet")
     state = load_checkpoint(path)
+    if state.step > config.train.steps:
+        raise CheckpointError(
+            f"{path} is at step {state.step}, beyond the run's {config.train.steps}"
+        )
     if compare:
-        steps = read_config(folder.root).train.steps
-        if state.step > steps:
-            raise CheckpointError(f"{path} is at step {state.step}, beyond the run's {steps}")
         try:
             stored = config_to_dict(config_from_dict(RunConfig, state.config))
         except ConfigError as error:
             raise CheckpointError(
                 f"{path} holds a config this version cannot read: {error}"
             ) from None
-        conflicts = resume_conflicts(stored, config_to_dict(read_config(folder.root)))
+        conflicts = resume_conflicts(stored, config_to_dict(config))
         if conflicts:
             raise CheckpointError(f"{path} was written with another config: {'; '.join(conflicts)}")
     return state.ema, state.step

@@ -36,7 +36,7 @@ from flowmatch.losses.flow_map_objectives import (
 from flowmatch.losses.flow_maps import (
     TimeDerivative,
     _mean_square,
-    adaptive_weight,
+    adaptively_weighted,
     diagonal_flow_matching_loss,
     directional_derivative,
     lagrangian_self_distillation_loss,
@@ -116,10 +116,7 @@ def improved_meanflow_loss(
     compound = mean_flow.value - broadcast_time(t - s, x_s) * mean_flow.derivative.detach()
     u_error = _mean_square(compound - velocity)
     v_error = _mean_square(diagonal - velocity)
-    return (
-        adaptive_weight(u_error, power, eps) * u_error
-        + adaptive_weight(v_error, power, eps) * v_error
-    )
+    return adaptively_weighted(u_error, power, eps) + adaptively_weighted(v_error, power, eps)
 
 
 def alpha_flow_loss(
@@ -158,7 +155,7 @@ def alpha_flow_loss(
             x_u = x_s + broadcast_time(alpha * gap, x_s) * velocity
             target = target + (1.0 - alpha) * flow_map.slope(x_u, s + alpha * gap, t, **kw)
     squared_error = _mean_square(flow_map.slope(x_s, s, t, **kw) - target)
-    return alpha * adaptive_weight(squared_error, 1.0, eps) * squared_error
+    return alpha * adaptively_weighted(squared_error, 1.0, eps)
 
 
 def terminal_velocity_loss(
@@ -426,7 +423,7 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
 
         def diagonal(rows: slice) -> Tensor:
             squared_error = self._diagonal(model, point, pairs, kw, rows)
-            return adaptive_weight(squared_error, self.power, self.eps) * squared_error
+            return adaptively_weighted(squared_error, self.power, self.eps)
 
         def mean_flow(rows: slice) -> Tensor:
             return improved_meanflow_loss(
@@ -500,7 +497,7 @@ class AlphaFlowObjective(_FlowMapObjective):
 
         def diagonal(rows: slice) -> Tensor:
             squared_error = self._diagonal(model, point, pairs, kw, rows)
-            return adaptive_weight(squared_error, 1.0, self.eps) * squared_error
+            return adaptively_weighted(squared_error, 1.0, self.eps)
 
         def trajectory(rows: slice) -> Tensor:
             x_s, s, t, velocity = (

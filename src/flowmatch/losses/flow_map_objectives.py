@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from flowmatch.losses.flow_maps import (
     LearnedLossWeight,
     TimeDerivative,
-    adaptive_weight,
+    adaptively_weighted,
     diagonal_flow_matching_loss,
     eulerian_self_distillation_loss,
     lagrangian_map_distillation_loss,
@@ -235,7 +235,7 @@ class MeanFlowObjective(_FlowMapObjective):
 
         def diagonal(rows: slice) -> Tensor:
             squared_error = self._diagonal(model, point, pairs, kw, rows)
-            return adaptive_weight(squared_error, self.power, self.eps) * squared_error
+            return adaptively_weighted(squared_error, self.power, self.eps)
 
         def mean_flow(rows: slice) -> Tensor:
             x_s, s, t, velocity = (

@@ -240,6 +240,11 @@ def adaptive_weight(squared_error: Tensor, power: float = 1.0, eps: float = 1e-3
     return (squared_error.detach() + eps).pow(-power)
 
 
+def adaptively_weighted(squared_error: Tensor, power: float = 1.0, eps: float = 1e-3) -> Tensor:
+    """``adaptive_weight(squared_error) squared_error``: MeanFlow's weighted loss ``[B]``."""
+    return adaptive_weight(squared_error, power, eps) * squared_error
+
+
 def meanflow_loss(
     flow_map: FlowMap,
     x_s: Tensor,
@@ -277,7 +282,7 @@ def meanflow_loss(
     )
     target = velocity + broadcast_time(t - s, x_s) * mean_flow.derivative.detach()
     squared_error = _mean_square(mean_flow.value - target)
-    return adaptive_weight(squared_error, power, eps) * squared_error
+    return adaptively_weighted(squared_error, power, eps)
 
 
 class LearnedLossWeight(nn.Module):

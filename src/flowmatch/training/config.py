@@ -145,7 +145,8 @@ def check_range(
         and (value < high if high_open else value <= high)
     )
     if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        left = "(" if low_open or low == -math.inf else "["
+        right = ")" if high_open or high == math.inf else "]"
         suffix = " or None" if optional else ""
         raise ConfigError(f"{name} must lie in {left}{low:g}, {high:g}{right}{suffix}, got {value}")
 
