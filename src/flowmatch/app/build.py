@@ -153,6 +153,7 @@ def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
     ``x + (t - s) v(x, s, t)`` when the objective learns one."""
     cfg = config.model
     num_times = 2 if OBJECTIVES[config.objective.name].is_flow_map else 1
+    time_scale = default_time_scale(config) if cfg.time_scale is None else cfg.time_scale
     if cfg.kind == "mlp":  # items of several axes: an MLP over their flattened dimensions
         net: nn.Module = MLP(
             math.prod(spec.shape),
@@ -162,6 +163,7 @@ def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
             num_classes=spec.num_classes,
             num_times=num_times,
             context_dim=spec.context_dim,
+            time_scale=time_scale,
         )
         if len(spec.shape) != 1:
             net = FlatItems(net, spec.shape)
@@ -185,8 +187,18 @@ def build_model(config: RunConfig, spec: DataSpec) -> nn.Module:
             num_groups=cfg.num_groups,
             num_times=num_times,
             context_dim=spec.context_dim,
+            time_scale=time_scale,
         )
     return FlowMapNet(net) if num_times == 2 else net
+
+
+def default_time_scale(config: RunConfig) -> float:
+    """The time-embedding scale of a network whose ``model.time_scale`` is unset: 1 for a flow
+    map, whose objectives differentiate the network in time (its time derivative grows with the
+    scale: with 1000, MeanFlow's target is dominated by the fastest features; cf. Lu & Song
+    2024, Sec. 4.1, on time embeddings in continuous-time consistency training), and 1000, the
+    ADM convention, for a velocity field."""
+    return 1.0 if OBJECTIVES[config.objective.name].is_flow_map else 1000.0
 
 
 def _check_unet_levels(

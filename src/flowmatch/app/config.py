@@ -118,6 +118,10 @@ class ModelConfig:
     num_head_channels: int | None = None  # unet: fixes the head width (ADM) when given
     num_groups: int = 8  # unet: GroupNorm groups
     dropout: float = 0.0  # unet
+    # the sinusoidal time embedding's scale a (features sin(a f_k t)); unset: 1 for a flow map,
+    # 1000 for a velocity field, the teacher's for a warm-started distillation (config.json
+    # records the number). Time derivatives of the map scale with a: see docs/flow-maps.md.
+    time_scale: float | None = None
     init_from: str | None = None  # a run folder whose EMA weights start this network (to go on
     # training a finished run under a new schedule or objective); the networks must match
 
@@ -135,6 +139,7 @@ class ModelConfig:
         check_range("num_head_channels", self.num_head_channels, 1, MAX_WIDTH, optional=True)
         check_range("num_groups", self.num_groups, 1, MAX_WIDTH)
         check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_range("time_scale", self.time_scale, 0.0, 1e6, low_open=True, optional=True)
         if self.kind == "unet":
             for width in (self.channels * m for m in self.channel_mult):
                 if width % self.num_groups:

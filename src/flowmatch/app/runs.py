@@ -7,6 +7,7 @@ the cached reflow pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,9 +88,14 @@ def read_config(run_dir: str | Path) -> RunConfig:
     if not folder.config.exists():
         raise CheckpointError(f"{run_dir} is not a flowmatch run folder (no config.json)")
     try:
-        return read_config_file(folder.config, root=folder.root)
+        config = read_config_file(folder.config, root=folder.root)
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
+    if config.model.time_scale is None:  # a run from before the key: every network used 1000
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, time_scale=1000.0)
+        )
+    return config
 
 
 def read_spec(folder: RunFolder) -> DataSpec:

@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from flowmatch.app.build import Data, build_data, build_model, build_objective
+from flowmatch.app.build import (
+    Data,
+    build_data,
+    build_model,
+    build_objective,
+    default_time_scale,
+)
 from flowmatch.app.config import ObjectiveConfig, RunConfig, read_config_file, with_overrides
 from flowmatch.app.objectives import OBJECTIVES
 from flowmatch.app.presets import preset_config
@@ -94,6 +100,20 @@ def _with_steps(config: RunConfig, max_steps: int | None) -> RunConfig:
     return dataclasses.replace(config, train=train_cfg)
 
 
+def settle_time_scale(config: RunConfig) -> RunConfig:
+    """``config`` with ``model.time_scale`` a number, as config.json records it: unset, it is
+    the teacher's for a warm start (the copied weights expect its embedding), else
+    :func:`~flowmatch.app.build.default_time_scale`."""
+    if config.model.time_scale is not None:
+        return config
+    teacher = config.objective.teacher
+    if config.objective.warm_start and teacher is not None:
+        scale = read_config(teacher).model.time_scale
+    else:
+        scale = default_time_scale(config)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, time_scale=scale))
+
+
 def context_of(config: RunConfig) -> dict[str, Any]:
     """What the loop records beside its TrainConfig: every other section of the run config."""
     return {k: v for k, v in config_to_dict(config).items() if k != "train"}
@@ -155,6 +175,7 @@ def plot_losses(folder: RunFolder) -> None:
 def run_training(config: RunConfig, run_dir: Path, resume: bool) -> str:
     """Build everything the config names and train it (any number of processes); returns the
     summary line. Every check runs before the run folder is touched."""
+    config = settle_time_scale(config)
     check_resume(config, run_dir, resume)
     device = resolve_device(config.train.device)
     fresh = latest_checkpoint(run_dir) is None
