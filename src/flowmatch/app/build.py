@@ -22,7 +22,7 @@ from flowmatch.data.images import (
     StreamingImageFolder,
     load_image_set,
 )
-from flowmatch.nets import MLP, FlatItems, FlowMapNet, UNet, drop_labels
+from flowmatch.nets import MLP, FlatItems, FlowMapNet, UNet, drop_context, drop_labels
 from flowmatch.paths import (
     SCHEDULES,
     AffinePath,
@@ -92,6 +92,21 @@ class LabelledSource:
         return {"x1": batch.x1, "y": y}
 
 
+class ContextImages:
+    """Image batches as dicts ``{"x1", "context"}`` with each context dropped to NaN with
+    probability ``dropout`` (classifier-free guidance training)."""
+
+    def __init__(self, images: ImageDataset | StreamingImageFolder, dropout: float) -> None:
+        self.images = images
+        self.dropout = dropout
+        self.shape = images.shape
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        batch = self.images.sample_labelled(n, generator)
+        assert batch.context is not None
+        return {"x1": batch.x1, "context": drop_context(batch.context, self.dropout, generator)}
+
+
 @dataclass
 class Data:
     """The training source, an optional validation source, the spec and, for 2-D toys, the
@@ -130,10 +145,22 @@ def build_data(config: RunConfig, device: torch.device | str = "cpu") -> Data:
         images: ImageDataset | StreamingImageFolder
         if cfg.stream:  # the batches come back on the CPU: the loop moves them
             assert cfg.path is not None
-            images = StreamingImageFolder(cfg.path, "train", cfg.test_fraction, workers=cfg.workers)
+            images = StreamingImageFolder(
+                cfg.path,
+                "train",
+                cfg.test_fraction,
+                workers=cfg.workers,
+                context_path=cfg.context_path,
+            )
         else:
-            train_images = load_image_set(cfg.name, cfg.path, "train", cfg.test_fraction)
+            train_images = load_image_set(
+                cfg.name, cfg.path, "train", cfg.test_fraction, cfg.context_path
+            )
             images = ImageDataset(train_images, device=device)
+        if images.contexts is not None:
+            dim = images.contexts.shape[1]
+            spec = DataSpec(images.shape, levels=images.levels, context_dim=dim)
+            return Data(ContextImages(images, config.objective.label_dropout), None, spec)
         spec = DataSpec(images.shape, levels=images.levels)
         if not cfg.conditional:
             return Data(images, None, spec)

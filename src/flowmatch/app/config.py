@@ -63,6 +63,13 @@ class DataConfig:
     folder's files from disk as training draws them (``workers`` DataLoader processes decode
     them; 0: the training process), for folders larger than memory; the batches are those of
     the folder loaded into memory.
+
+    ``context_path`` conditions on a context vector per sample: for ``array`` a second file
+    ``[N, C]``, for a ``folder`` a table with one row per image file, a ``.csv`` (a header row,
+    then the file's path relative to the folder and its C numbers: ``a/img_001.png,0.5,1.2``)
+    or a ``.json`` object (``{"a/img_001.png": [0.5, 1.2]}``; a number for C = 1). Every file
+    needs exactly one row; the contexts follow their images through the test split and
+    streaming. A folder run conditions on contexts or on class labels, not both.
     """
 
     name: str = "checkerboard"
@@ -70,7 +77,7 @@ class DataConfig:
     val_fraction: float = 0.1  # array: share of the rows held out (validation loss and eval)
     test_fraction: float = 0.1  # folder: share of the files held out for flowmatch eval
     conditional: bool = False  # image sets with labels: train a class-conditional model
-    context_path: str | None = None  # array: a second file [N, C] of one context per row
+    context_path: str | None = None  # array: a file [N, C]; folder: a .csv/.json per file
     # folder: decode the files as they are drawn instead of loading them (same batches)
     stream: bool = field(default=False, metadata={RESUMABLE: True})
     # stream: DataLoader processes that decode (0: the training process)
@@ -84,8 +91,10 @@ class DataConfig:
         reads_files = self.name == "array" or (self.name in IMAGE_SETS and self.name != "digits")
         if self.path is not None and not reads_files:
             raise ConfigError(f"path does not apply to name={self.name} (it ships with flowmatch)")
-        if self.context_path is not None and self.name != "array":
-            raise ConfigError(f"context_path applies to name=array, not name={self.name}")
+        if self.context_path is not None and self.name not in ("array", "folder"):
+            raise ConfigError(
+                f"context_path applies to name=array or name=folder, not name={self.name}"
+            )
         check_range("workers", self.workers, 0, 256)
         if self.stream and self.name != "folder":
             raise ConfigError(
@@ -96,6 +105,11 @@ class DataConfig:
         if self.conditional and self.name not in IMAGE_SETS:
             raise ConfigError(
                 f"conditional=true needs a labelled image set; {self.name} has no labels"
+            )
+        if self.conditional and self.context_path is not None:
+            raise ConfigError(
+                "conditional=true (class labels) and context_path (contexts) are alternatives: "
+                "condition on one"
             )
 
 

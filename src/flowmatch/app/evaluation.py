@@ -534,11 +534,13 @@ def image_quality(
     progress: bool = False,
     noise: SamplerNoise | None = None,
     placement: Placement | None = None,
+    contexts: Tensor | None = None,
 ) -> ImageQuality:
     """Sample quality of an image run against ``reference`` images (uint8 pixels), in the
     features of the user's LeNet file ``features`` (trained on their labels by
     ``scripts/train_feature_classifier.py``), of Inception-v3 given the local weights file of
-    pytorch-fid (checked by its hash), or of the dataset's shipped classifier."""
+    pytorch-fid (checked by its hash), or of the dataset's shipped classifier. A
+    context-conditioned run samples at the reference images' ``contexts [N, C]``, one each."""
     extractor = feature_extractor_of(run, inception_weights, features)
     n = min(n, reference.shape[0])  # a small test split: as many samples as test images
     reference = to_model_space(reference[:n], run.spec.levels or 256)
@@ -551,6 +553,7 @@ def image_quality(
         guidance=guidance,
         progress=progress,
         noise=noise,
+        contexts=None if contexts is None else contexts[:n],
         placement=placement,
     )
     generator = torch.Generator().manual_seed(seed + 3)
@@ -591,7 +594,7 @@ def bits_per_dim_of_run(
     placement: Placement | None = None,
 ) -> BitsPerDim:
     """Hutchinson ODE likelihood (dopri5, atol = rtol = 1e-5) of ``n`` test images (given their
-    labels, for a class-conditional run) under the
+    labels or contexts, for a class- or context-conditioned run) under the
     dequantisation ``y = 2 (v + u) / L - 1``; ``bpd = -log p(y) / (D ln 2) + log2(L / 2)``.
     The images are drawn on the CPU, the probes on the placement's device; chunks of
     ``placement.batch_size`` images (default 100)."""
@@ -600,13 +603,15 @@ def bits_per_dim_of_run(
     generator = torch.Generator().manual_seed(seed + 4)
     drawn = test.sample_labelled(n, generator)
     probe_generator = torch.Generator(device).manual_seed(seed + 5)
-    conditional = run.spec.num_classes is not None  # then log p(x | y) at the true labels
-    if not conditional:
-        labels = torch.zeros(n, dtype=torch.long)
-    elif drawn.label is None:
-        raise ValueError("a class-conditional run needs a labelled test split")
-    else:
-        labels = drawn.label
+    conditions: dict[str, Tensor] = {}  # then log p(x | y) or log p(x | c) at the true ones
+    if run.spec.num_classes is not None:
+        if drawn.label is None:
+            raise ValueError("a class-conditional run needs a labelled test split")
+        conditions["y"] = drawn.label
+    if run.spec.context_dim is not None:
+        if drawn.context is None:
+            raise ValueError("a context-conditioned run needs the test images' contexts")
+        conditions["context"] = drawn.context
     dims = drawn.x1[0].numel()
     bpd, nfe = [], 0
     run.model.to(device)
@@ -618,7 +623,7 @@ def bits_per_dim_of_run(
             probes=probes,
             generator=probe_generator,
             log_p0=run.path.schedule.source_log_prob,
-            model_kwargs={"y": labels[part].to(device)} if conditional else None,
+            model_kwargs={k: v[part].to(device) for k, v in conditions.items()} or None,
         )
         bpd.append(bits_per_dim(res.log_prob.cpu(), dims, test.levels))
         nfe = max(nfe, res.nfe)
@@ -666,8 +671,9 @@ def evaluate_run(
     2-D toy runs: energy distance, W2 and MMD against fresh target samples and the NLL beside
     the exact value; array runs (any item shape): the same distances against their held-out
     rows; image runs: Frechet distance, KID and precision/recall against the test split (a
-    folder's ``data.test_fraction``) in the features of a shipped classifier, the user's LeNet
-    file ``features`` or Inception-v3, and bits/dim. ``progress``: each sampling reports on
+    folder's ``data.test_fraction``; a folder with contexts is sampled at its test images'
+    contexts) in the features of a shipped classifier, the user's LeNet file ``features`` or
+    Inception-v3, and bits/dim (given the contexts). ``progress``: each sampling reports on
     stderr with an ETA, and each likelihood says when it starts. ``noise`` sets the
     stochastic samplers; the report's ``sampler`` names the method with its noise.
     ``placement``: the device and chunk size of sampling and likelihoods.
@@ -777,7 +783,7 @@ def _image_report(
     placement: Placement,
 ) -> dict:
     cfg = run.config.data
-    test = load_image_set(cfg.name, cfg.path, "test", cfg.test_fraction)
+    test = load_image_set(cfg.name, cfg.path, "test", cfg.test_fraction, cfg.context_path)
 
     def measure(of: Run, how: str, steps: int | None) -> dict:
         own = noise if how == method else None  # as in _vector_report
@@ -793,6 +799,7 @@ def _image_report(
             progress=progress,
             noise=own,
             placement=placement,
+            contexts=test.contexts,
         )
         return asdict(quality)
 

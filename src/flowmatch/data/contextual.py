@@ -4,6 +4,8 @@ A context source's (:class:`ContextSource` of a target, :class:`ContextArrays` o
 files) ``sample(n, generator)`` returns ``{"x1": [n, *shape], "context": [n, C]}``;
 the objectives pass ``context`` to the network (and to a condition-aware coupling). Contexts
 dropped for classifier-free guidance are rows of NaN (:func:`flowmatch.nets.drop_context`).
+:func:`load_context_table` reads the contexts of named files (an image folder's) from a CSV or
+JSON table, as data only.
 
 :class:`ContextGaussian` is the target of the ``gaussian-context`` preset: a context ``c``
 uniform on ``[-span, span]^2`` and ``x | c ~ N(c, std^2 I)``, so every conditional law is
@@ -12,8 +14,12 @@ known and a model's samples at a given context can be compared with it exactly.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import reprlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import Tensor
@@ -109,6 +115,105 @@ def load_context_arrays(
     if data.validation is None or context.validation is None:
         return train, None
     return train, ContextArrays(data.validation, context.validation)
+
+
+CONTEXT_TABLE_SUFFIXES = (".csv", ".json")
+
+
+class _Pairs(list):
+    """A JSON object's ``(key, value)`` pairs in file order, repeated keys kept."""
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[str, list[float]]]:
+    """The ``(name, values)`` rows after the header row; every row as wide as the header."""
+    reader = csv.reader(io.StringIO(text), skipinitialspace=True)
+    try:
+        lines = [(reader.line_num, row) for row in reader if row]
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a CSV table ({error})") from None
+    if not lines or len(lines[0][1]) < 2:
+        raise ValueError(
+            f"{path}: expected a header row of a path column and at least one context column"
+        )
+    width = len(lines[0][1])
+    rows = []
+    for line, row in lines[1:]:
+        if len(row) != width:
+            raise ValueError(f"{path}: line {line} has {len(row)} columns, the header {width}")
+        values = []
+        for cell in row[1:]:
+            try:
+                values.append(float(cell))
+            except ValueError:
+                raise ValueError(f"{path}: line {line}: {cell!r} is not a number") from None
+        rows.append((row[0], values))
+    return rows
+
+
+def _json_rows(path: Path, text: str) -> list[tuple[str, list[float]]]:
+    """The ``(name, values)`` entries of a JSON object; every context as long as the first."""
+    try:  # integers as floats: a huge one becomes inf (refused below), not an overflow
+        loaded = json.loads(text, object_pairs_hook=_Pairs, parse_int=float)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(loaded, _Pairs):
+        raise ValueError(f"{path}: expected a JSON object mapping each file's path to its context")
+    rows: list[tuple[str, list[float]]] = []
+    for name, value in loaded:
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(type(v) is float for v in values):
+            raise ValueError(
+                f"{path}: the context of {name!r} is {reprlib.repr(value)}, not a number or a "
+                "list of numbers"
+            )
+        if rows and len(values) != len(rows[0][1]):
+            raise ValueError(
+                f"{path}: {name!r} has {len(values)} values, {rows[0][0]!r} {len(rows[0][1])}"
+            )
+        rows.append((name, values))
+    return rows
+
+
+def load_context_table(path: str | Path, names: list[str]) -> Tensor:
+    """The contexts ``[N, C]`` of the files ``names`` (paths relative to their folder, with
+    ``/``), in that order, from the table at ``path``: a ``.csv`` with a header row and one row
+    per file (its path, then C >= 1 numbers), or a ``.json`` object mapping each path to a list
+    of C numbers (a number for C = 1). Read as data only.
+
+    ``ValueError`` (one line naming the file) for another suffix, a missing or unparsable file,
+    a value that is not a finite number, rows of unequal length, two rows for one path, a file
+    without a row and a row naming none of ``names``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CONTEXT_TABLE_SUFFIXES:
+        raise ValueError(f"{path}: expected a .csv or .json table, got suffix {path.suffix!r}")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read as text ({error})") from None
+    table: dict[str, list[float]] = {}
+    for name, values in (_csv_rows if suffix == ".csv" else _json_rows)(path, text):
+        key = PurePosixPath(name).as_posix()  # ./a.png is a.png
+        if key in table:
+            raise ValueError(f"{path}: two rows for {key!r}")
+        table[key] = values
+    missing = [name for name in names if name not in table]
+    if missing:
+        more = f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
+        raise ValueError(f"{path}: no context row for {missing[0]!r}{more}")
+    unknown = sorted(table.keys() - set(names))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more rows)" if len(unknown) > 1 else ""
+        raise ValueError(f"{path}: the row {unknown[0]!r} names no image of the folder{more}")
+    contexts = torch.tensor([table[name] for name in names], dtype=torch.float32)
+    finite = torch.isfinite(contexts).all(1)
+    if not finite.all():
+        name = names[int(finite.logical_not().nonzero()[0])]
+        raise ValueError(f"{path}: the context of {name!r} is not finite (as float32)")
+    return contexts
 
 
 CONTEXT_DATASETS = {"gaussian-context": ContextGaussian}

@@ -3,7 +3,8 @@
 Every loader returns ``ImageData(images: uint8 [N, C, H, W], labels: int64 [N] | None, levels)``
 and never downloads: MNIST and Fashion-MNIST come from ``flowmatch.data.fetch`` (or the user's
 own IDX files), scikit-learn's digits ship inside its wheel, CIFAR-10 and image folders are the
-user's files.
+user's files. A folder may come with a table of one context vector per file
+(:func:`~flowmatch.data.contextual.load_context_table`): ``ImageData.contexts`` float ``[N, C]``.
 
 Pixels ``v in {0, ..., L-1}`` (``L = levels``) map to model space ``[-1, 1]`` by
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.data.base import draw_device
+from flowmatch.data.contextual import load_context_table
 from flowmatch.data.fetch import IDX_SHA256
 from flowmatch.extras import require
 
@@ -44,19 +46,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass(frozen=True)
 class ImageData:
-    """Images ``uint8 [N, C, H, W]`` with values below ``levels``; ``labels`` int64 ``[N]``."""
+    """Images ``uint8 [N, C, H, W]`` with values below ``levels``; ``labels`` int64 ``[N]``,
+    ``contexts`` float ``[N, C']`` (a folder with a context table)."""
 
     images: Tensor
     labels: Tensor | None
     levels: int
+    contexts: Tensor | None = None
 
 
 @dataclass(frozen=True)
 class ImageBatch:
-    """A batch in model space: ``x1`` float ``[n, C, H, W]`` in ``[-1, 1]``, ``label`` ``[n]``."""
+    """A batch in model space: ``x1`` float ``[n, C, H, W]`` in ``[-1, 1]``, ``label`` ``[n]``,
+    ``context`` ``[n, C']``."""
 
     x1: Tensor
     label: Tensor | None
+    context: Tensor | None = None
 
 
 def to_model_space(pixels: Tensor, levels: int, noise: Tensor | float = 0.5) -> Tensor:
@@ -94,6 +100,7 @@ class ImageDataset:
     ) -> None:
         self.images = data.images.to(device)
         self.labels = None if data.labels is None else data.labels.to(device)
+        self.contexts = None if data.contexts is None else data.contexts.to(device)
         self.levels = data.levels
         self.dequantize = dequantize
         self.dtype = dtype
@@ -107,7 +114,8 @@ class ImageDataset:
         return self.images.shape[0]
 
     def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> ImageBatch:
-        """``n`` images in model space with their labels (``None`` for an unlabelled set)."""
+        """``n`` images in model space with their labels and contexts (``None`` where the set
+        has none)."""
         device = draw_device(generator)
         index = torch.randint(self.images.shape[0], (n,), generator=generator, device=device)
         if self.dequantize:
@@ -120,7 +128,8 @@ class ImageDataset:
         index = index.to(self.images.device)
         x1 = to_model_space(self.images[index], self.levels, noise)
         label = None if self.labels is None else self.labels[index]
-        return ImageBatch(x1=x1, label=label)
+        context = None if self.contexts is None else self.contexts[index]
+        return ImageBatch(x1=x1, label=label, context=context)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n, C, H, W]`` images in model space (``sample_labelled(...).x1``)."""
@@ -330,15 +339,19 @@ def _read_image(path: Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageFiles:
-    """The image files of a folder, sorted by path, and their labels (``None``: unlabelled)."""
+    """The image files of a folder, sorted by path, their labels (``None``: unlabelled) and
+    contexts ``[N, C]`` (``None``: no context table)."""
 
     files: list[Path]
     labels: Tensor | None
+    contexts: Tensor | None = None
 
 
-def list_image_folder(directory: str | Path) -> ImageFiles:
+def list_image_folder(directory: str | Path, context_path: str | Path | None = None) -> ImageFiles:
     """The PNG/JPEG files in ``directory`` without reading them: the files directly in it
-    (unlabelled), else those in its sub-folders, labelled by the sub-folder's sorted index."""
+    (unlabelled), else those in its sub-folders, labelled by the sub-folder's sorted index;
+    with their rows of the context table ``context_path`` (:func:`load_context_table`, keyed
+    by the path relative to ``directory``) when given."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such folder of images")
@@ -356,7 +369,12 @@ def list_image_folder(directory: str | Path) -> ImageFiles:
         files, labels = [f for f, _ in labelled], [k for _, k in labelled]
     if not files:
         raise ValueError(f"{directory}: no .png/.jpg/.jpeg images found")
-    return ImageFiles(files, None if labels is None else torch.tensor(labels, dtype=torch.int64))
+    contexts = None
+    if context_path is not None:
+        names = [f.relative_to(directory).as_posix() for f in files]
+        contexts = load_context_table(context_path, names)
+    label_tensor = None if labels is None else torch.tensor(labels, dtype=torch.int64)
+    return ImageFiles(files, label_tensor, contexts)
 
 
 def _check_same_shape(path: Path, array: np.ndarray, first: Path, shape: tuple[int, ...]) -> None:
@@ -367,18 +385,20 @@ def _check_same_shape(path: Path, array: np.ndarray, first: Path, shape: tuple[i
         )
 
 
-def load_image_folder(directory: str | Path) -> ImageData:
+def load_image_folder(directory: str | Path, context_path: str | Path | None = None) -> ImageData:
     """PNG/JPEG files of one size (8-bit, 256 levels) in ``directory``, sorted by path.
 
     Images directly in ``directory`` are unlabelled; images in sub-folders (and none directly)
     are labelled by the index of their sub-folder in sorted order. Alpha is dropped; a grayscale
-    file in a colour set, or sizes that differ, raise ``ValueError``.
+    file in a colour set, or sizes that differ, raise ``ValueError``. ``context_path``: the
+    table of their contexts (:func:`list_image_folder`).
     """
-    listed = list_image_folder(directory)
+    listed = list_image_folder(directory, context_path)
     arrays = [_read_image(f) for f in listed.files]
     for path, array in zip(listed.files, arrays, strict=True):
         _check_same_shape(path, array, listed.files[0], arrays[0].shape)
-    return ImageData(images=torch.from_numpy(np.stack(arrays)), labels=listed.labels, levels=256)
+    images = torch.from_numpy(np.stack(arrays))
+    return ImageData(images=images, labels=listed.labels, levels=256, contexts=listed.contexts)
 
 
 def split_index(n: int, split: str, test_fraction: float, seed: int = 0) -> Tensor | None:
@@ -410,7 +430,8 @@ def split_images(data: ImageData, split: str, test_fraction: float, seed: int = 
     if index is None:
         return data  # everything trains, in file order
     labels = None if data.labels is None else data.labels[index]
-    return ImageData(images=data.images[index], labels=labels, levels=data.levels)
+    contexts = None if data.contexts is None else data.contexts[index]
+    return ImageData(data.images[index], labels, data.levels, contexts)
 
 
 class _Decoder(torch.utils.data.Dataset):
@@ -450,8 +471,9 @@ class StreamingImageFolder:
     process). Nothing decoded is kept between calls, so a folder larger than memory trains.
 
     The indices and dequantisation offsets are drawn from ``generator`` exactly as
-    :class:`ImageDataset` draws them, so both give the same batches of the same split; the
-    items come back on the CPU. Every file must have the size and channels of the first.
+    :class:`ImageDataset` draws them, so both give the same batches of the same split (with
+    the contexts of ``context_path``, read once); the items come back on the CPU. Every file
+    must have the size and channels of the first.
     """
 
     levels = 256
@@ -464,14 +486,16 @@ class StreamingImageFolder:
         dequantize: bool = True,
         workers: int = 0,
         dtype: torch.dtype = torch.float32,
+        context_path: str | Path | None = None,
     ) -> None:
-        listed = list_image_folder(directory)
+        listed = list_image_folder(directory, context_path)
         index = split_index(len(listed.files), split, test_fraction)
-        files, labels = listed.files, listed.labels
+        files, labels, contexts = listed.files, listed.labels, listed.contexts
         if index is not None:
             files = [files[i] for i in index.tolist()]
             labels = None if labels is None else labels[index]
-        self.files, self.labels = files, labels
+            contexts = None if contexts is None else contexts[index]
+        self.files, self.labels, self.contexts = files, labels, contexts
         self.dequantize, self.dtype, self.workers = dequantize, dtype, workers
         self._decoder = _Decoder(files)
         self._shape = tuple(_read_image(files[0]).shape)
@@ -511,7 +535,8 @@ class StreamingImageFolder:
         return torch.from_numpy(np.stack(arrays))
 
     def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> ImageBatch:
-        """``n`` images in model space with their labels (``None`` for an unlabelled folder)."""
+        """``n`` images in model space with their labels and contexts (``None`` where the
+        folder has none)."""
         device = draw_device(generator)
         index = torch.randint(len(self.files), (n,), generator=generator, device=device)
         if self.dequantize:
@@ -523,7 +548,8 @@ class StreamingImageFolder:
         index = index.cpu()
         x1 = to_model_space(self.read(index), self.levels, noise)
         label = None if self.labels is None else self.labels[index]
-        return ImageBatch(x1=x1, label=label)
+        context = None if self.contexts is None else self.contexts[index]
+        return ImageBatch(x1=x1, label=label, context=context)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n, C, H, W]`` images in model space (``sample_labelled(...).x1``)."""
@@ -538,12 +564,16 @@ def load_image_set(
     directory: str | Path | None = None,
     split: str = "train",
     test_fraction: float = 0.0,
+    context_path: str | Path | None = None,
 ) -> ImageData:
     """One of ``IMAGE_SETS`` by name; ``directory`` holds its files (unused for "digits").
 
     A "folder" has no split of its own: ``split_images`` with ``test_fraction`` (seed 0) makes
-    one; the others have their fixed train and test splits.
+    one; the others have their fixed train and test splits. ``context_path``: a folder's table
+    of contexts (:func:`list_image_folder`).
     """
+    if context_path is not None and name != "folder":
+        raise ValueError(f"a context table applies to an image folder, not to {name}")
     if name == "digits":
         return load_digits(split)
     if name not in IMAGE_SETS:
@@ -551,6 +581,6 @@ def load_image_set(
     if directory is None:
         raise ValueError(f"the {name} image set needs the directory that holds its files")
     if name == "folder":
-        return split_images(load_image_folder(directory), split, test_fraction)
+        return split_images(load_image_folder(directory, context_path), split, test_fraction)
     loader = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
     return loader[name](directory, split)
