@@ -34,6 +34,7 @@ from flowmatch.losses.flow_map_objectives import (
 )
 from flowmatch.losses.flow_maps import (
     LearnedLossWeight,
+    SharedRandomness,
     diagonal_flow_matching_loss,
     directional_derivative,
     eulerian_map_distillation_loss,
@@ -57,6 +58,7 @@ __all__ = [
     "MeanFlowObjective",
     "ProgressiveMapDistillationObjective",
     "SelfDistillationObjective",
+    "SharedRandomness",
     "ShortcutObjective",
     "ShortcutTimePairs",
     "SplitMeanFlowObjective",

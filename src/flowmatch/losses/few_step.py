@@ -10,7 +10,9 @@ write an average velocity ``u(z, r, t)``, ``r < t``, for the jump from the noisi
 
 Kernels take interpolant points ``x_s: [B, ...]`` and times ``[B]`` drawn by the caller, draw no
 randomness and return the squared residual ``[B]`` averaged over the non-batch dimensions;
-targets marked ``sg`` carry no gradient. Objectives follow the training loop's interface
+targets marked ``sg`` carry no gradient. The network calls that make up one residual share
+dropout masks (:class:`~flowmatch.losses.flow_maps.SharedRandomness`): its value, derivative
+and target are those of one sub-network. Objectives follow the training loop's interface
 ``objective(model, batch, step, generator) -> loss [B]``: they draw the path's noise, the time
 pairs and any extra randomness from ``generator`` in that order, pass ``batch["y"]`` to the
 model as ``y`` when present, and hold all their state in ``state_dict`` (the optional learned
@@ -34,6 +36,7 @@ from flowmatch.losses.flow_map_objectives import (
     _rows,
 )
 from flowmatch.losses.flow_maps import (
+    SharedRandomness,
     TimeDerivative,
     _mean_square,
     adaptively_weighted,
@@ -74,12 +77,14 @@ def shortcut_loss(
     ``r = v_{s,s+2d}(x_s) - sg((v1 + v2) / 2)``. ``d, teacher_gap: [B]``. No JVP.
     """
     kw = model_kwargs or {}
-    with torch.no_grad():
-        first = flow_map.slope(x_s, s, s + teacher_gap, **kw)
-        x_mid = x_s + broadcast_time(d, x_s) * first
-        second = flow_map.slope(x_mid, s + d, s + d + teacher_gap, **kw)
-        target = 0.5 * (first + second)
-    return _mean_square(flow_map.slope(x_s, s, s + 2.0 * d, **kw) - target)
+    with SharedRandomness(x_s.device) as shared:
+        with torch.no_grad():
+            first = shared(flow_map.slope, x_s, s, s + teacher_gap, **kw)
+            x_mid = x_s + broadcast_time(d, x_s) * first
+            second = shared(flow_map.slope, x_mid, s + d, s + d + teacher_gap, **kw)
+            target = 0.5 * (first + second)
+        student = shared(flow_map.slope, x_s, s, s + 2.0 * d, **kw)
+    return _mean_square(student - target)
 
 
 def improved_meanflow_loss(
@@ -109,10 +114,18 @@ def improved_meanflow_loss(
     dI_s/ds: [B, ...]``; squares are averaged over dimensions (the paper sums). One JVP.
     """
     kw = model_kwargs or {}
-    diagonal = flow_map.velocity(x_s, s, **kw)
-    mean_flow = directional_derivative(
-        flow_map.slope, x_s, s, t, dx=diagonal.detach(), ds=torch.ones_like(s), model_kwargs=kw
-    )
+    with SharedRandomness(x_s.device) as shared:
+        diagonal = shared(flow_map.velocity, x_s, s, **kw)
+        mean_flow = shared(
+            directional_derivative,
+            flow_map.slope,
+            x_s,
+            s,
+            t,
+            dx=diagonal.detach(),
+            ds=torch.ones_like(s),
+            model_kwargs=kw,
+        )
     compound = mean_flow.value - broadcast_time(t - s, x_s) * mean_flow.derivative.detach()
     u_error = _mean_square(compound - velocity)
     v_error = _mean_square(diagonal - velocity)
@@ -148,13 +161,16 @@ def alpha_flow_loss(
     if alpha == 0.0:
         return meanflow_loss(flow_map, x_s, s, t, velocity, 1.0, eps, model_kwargs)
     kw = model_kwargs or {}
-    with torch.no_grad():
-        target = alpha * velocity
-        if alpha < 1.0:
-            gap = t - s
-            x_u = x_s + broadcast_time(alpha * gap, x_s) * velocity
-            target = target + (1.0 - alpha) * flow_map.slope(x_u, s + alpha * gap, t, **kw)
-    squared_error = _mean_square(flow_map.slope(x_s, s, t, **kw) - target)
+    with SharedRandomness(x_s.device) as shared:
+        with torch.no_grad():
+            target = alpha * velocity
+            if alpha < 1.0:
+                gap = t - s
+                x_u = x_s + broadcast_time(alpha * gap, x_s) * velocity
+                mean = shared(flow_map.slope, x_u, s + alpha * gap, t, **kw)
+                target = target + (1.0 - alpha) * mean
+        student = shared(flow_map.slope, x_s, s, t, **kw)
+    squared_error = _mean_square(student - target)
     return alpha * adaptively_weighted(squared_error, 1.0, eps)
 
 
@@ -183,7 +199,8 @@ def terminal_velocity_loss(
     the official code with ``detach_jvp=False``), not through the target. ``x_u, u, velocity =
     I_u, u, dI_u/du``; returns ``|r_1|^2 + |r_2|^2``, each averaged over dimensions. At ``s = t``
     the first term vanishes with its gradient (the official code masks it, its target being an
-    EMA network). One JVP.
+    EMA network). One JVP. ``r_2``, a separate regression at another time, draws its own dropout
+    masks.
     """
     terminal = lagrangian_self_distillation_loss(flow_map, x_s, s, t, model_kwargs, method)
     return terminal + diagonal_flow_matching_loss(flow_map, x_u, u, velocity, model_kwargs)

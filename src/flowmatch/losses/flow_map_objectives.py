@@ -161,8 +161,8 @@ class SelfDistillationObjective(_FlowMapObjective):
     ``|v_{t,t}(I_t) - dI_t/dt|^2``, the rest the off-diagonal term ``distill`` (:func:`lsd`,
     :func:`esd`, :func:`psd_midpoint`, :func:`psd_uniform` or any ``OffDiagonalLoss``), each
     optionally weighted by ``exp(-w_{s,t}) L + w_{s,t}``. ``both_orders`` also trains backward
-    maps ``s > t``. The model's current parameters are its own teacher (no EMA teacher);
-    dropout masks are not shared between the two calls.
+    maps ``s > t``. The model's current parameters are its own teacher (no EMA teacher); its
+    calls draw the student's dropout masks (:class:`~flowmatch.losses.flow_maps.SharedRandomness`).
     """
 
     def __init__(
@@ -203,7 +203,8 @@ class MeanFlowObjective(_FlowMapObjective):
 
     Pairs from ``time_pairs`` (default :class:`LogitNormalTimePairs`: MeanFlow's ImageNet
     setting); diagonal samples regress ``v_{t,t}`` on ``dI_t/dt`` without a JVP, the others use
-    :func:`meanflow_loss`; all are weighted by ``sg(1 / (|D|^2 + eps)^power)``. No state.
+    :func:`meanflow_loss` (``method=time_derivative``, ``tangent_graph``); all are weighted by
+    ``sg(1 / (|D|^2 + eps)^power)``. No state.
     """
 
     def __init__(
@@ -244,7 +245,18 @@ class MeanFlowObjective(_FlowMapObjective):
                 pairs.t[rows],
                 point.velocity[rows],
             )
-            return meanflow_loss(model, x_s, s, t, velocity, self.power, self.eps, _rows(kw, rows))
+            return meanflow_loss(
+                model,
+                x_s,
+                s,
+                t,
+                velocity,
+                self.power,
+                self.eps,
+                _rows(kw, rows),
+                self.time_derivative,
+                self.tangent_graph,
+            )
 
         return _diagonal_then_off(pairs, diagonal, mean_flow)
 

@@ -11,13 +11,18 @@ Every loss takes points ``x_s = I_s`` of the interpolant and times ``s, t: [B]``
 caller, draws no randomness, and returns ``[B]``, the squared residual averaged over the non-batch
 dimensions. Targets marked ``sg`` are computed under ``torch.no_grad`` (the semigradient losses
 of Boffi et al. 2024, Sec. 3, and the stop-gradients of Boffi et al. 2025, eq. 94): no gradient
-reaches a teacher's parameters or its input point.
+reaches a teacher's parameters or its input point. The network calls that make up one residual
+(value, derivative and a self-distillation target) run under :class:`SharedRandomness`: they draw
+the same dropout masks, so all are those of one sub-network. A teacher that an objective froze
+is in eval mode and draws none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +30,64 @@ from torch import Tensor, nn
 from flowmatch.nets.embeddings import SinusoidalTimeEmbedding
 from flowmatch.shapes import broadcast_time
 from flowmatch.types import FlowMap, TwoTimeField, VelocityField
+
+_T = TypeVar("_T")
+
+
+def _global_rng_states(device: torch.device) -> list[Tensor]:
+    """The states of the CPU generator and, for an accelerator, of ``device``'s generator."""
+    states = [torch.get_rng_state()]
+    if device.type != "cpu":
+        states.append(torch.get_device_module(device).get_rng_state(device))
+    return states
+
+
+def _set_global_rng_states(device: torch.device, states: list[Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(states[1], device)
+
+
+class SharedRandomness:
+    """Calls that draw the same numbers from the global generators, which dropout draws from.
+
+    ``with SharedRandomness(x.device) as shared: a = shared(f, x); b = shared(g, y)``: every call
+    starts from the state that the CPU generator and ``device``'s (CUDA, ...) had on entry, and
+    on exit they are left as the first call left them. A group thus advances the global RNG as
+    one call does: later draws, and a run's reproducibility from its seeds, do not depend on how
+    many calls a loss makes; a group of one call changes nothing. Calls of one network on inputs
+    of one shape apply the same dropout masks (an eager and a compiled call draw differently).
+    Saving a state copies a few kilobytes (the CPU generator's; an accelerator's is a seed and an
+    offset), so it is done whether or not the calls draw. Groups nest: an inner group counts as
+    one call.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._start: list[Tensor] = []
+        self._after_first: list[Tensor] | None = None
+
+    def __enter__(self) -> SharedRandomness:
+        self._start, self._after_first = _global_rng_states(self.device), None
+        return self
+
+    def __call__(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)`` from the entry state."""
+        if self._after_first is not None:
+            _set_global_rng_states(self.device, self._start)
+        result = fn(*args, **kwargs)
+        if self._after_first is None:
+            self._after_first = _global_rng_states(self.device)
+        return result
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._after_first is not None:
+            _set_global_rng_states(self.device, self._after_first)
 
 
 def _mean_square(residual: Tensor) -> Tensor:
@@ -63,8 +126,9 @@ def directional_derivative(
     central difference ``(f(p + h d) - f(p - h d)) / 2h`` with ``h = step`` (error ``O(h^2)``),
     for networks whose kernels have no forward-mode derivative (some fused attention). With
     ``tangent_graph=False`` the derivative is computed without an autograd graph (for targets
-    under stop-gradient: less memory); the value keeps its graph either way. Only the arguments
-    given a tangent are differentiated. Examples: ``dt = 1`` gives ``d_t X_{s,t}``;
+    under stop-gradient: less memory); the value keeps its graph either way. The calls of these
+    two options share dropout masks (:class:`SharedRandomness`), as a JVP's one call does. Only
+    the arguments given a tangent are differentiated. Examples: ``dt = 1`` gives ``d_t X_{s,t}``;
     ``dx = b, ds = 1`` gives ``(d_s + b . grad) f``.
     """
     kw = model_kwargs or {}
@@ -80,21 +144,25 @@ def directional_derivative(
 
     points = tuple(primals[n] for n in names)
     directions = tuple(tangents[n] for n in names)
-    if method == "finite_difference":
-        value = restricted(*points)
-        with torch.enable_grad() if tangent_graph else torch.no_grad():
-            ahead = restricted(*(p + step * d for p, d in zip(points, directions, strict=True)))
-            behind = restricted(*(p - step * d for p, d in zip(points, directions, strict=True)))
-        return Derivative(value=value, derivative=(ahead - behind) / (2.0 * step))
-    if method != "jvp":
+
+    def moved(h: float) -> Tensor:
+        return restricted(*(p + h * d for p, d in zip(points, directions, strict=True)))
+
+    if method == "jvp" and tangent_graph:
+        # torch types the result as a 2- or a 3-tuple (the latter with has_aux=True, not used here).
+        value, derivative = torch.func.jvp(restricted, points, directions)[:2]
+        return Derivative(value=value, derivative=derivative)
+    if method not in ("jvp", "finite_difference"):
         raise ValueError(f"method must be jvp or finite_difference, got {method!r}")
-    if not tangent_graph:
-        with torch.no_grad():
-            derivative = torch.func.jvp(restricted, points, directions)[1]
-        return Derivative(value=restricted(*points), derivative=derivative)
-    # torch types the result as a 2- or a 3-tuple (the latter with has_aux=True, not used here).
-    value, derivative = torch.func.jvp(restricted, points, directions)[:2]
-    return Derivative(value=value, derivative=derivative)
+    with SharedRandomness(x.device) as shared:
+        if method == "jvp":
+            with torch.no_grad():
+                derivative = shared(torch.func.jvp, restricted, points, directions)[1]
+            return Derivative(value=shared(restricted, *points), derivative=derivative)
+        value = shared(restricted, *points)
+        with torch.enable_grad() if tangent_graph else torch.no_grad():
+            ahead, behind = shared(moved, step), shared(moved, -step)
+    return Derivative(value=value, derivative=(ahead - behind) / (2.0 * step))
 
 
 def lagrangian_map_distillation_loss(
@@ -112,11 +180,19 @@ def lagrangian_map_distillation_loss(
     the end time ``t``, on a detached input and without gradient. Zero iff ``X`` is ``b``'s flow.
     """
     kw = model_kwargs or {}
-    lagrangian = directional_derivative(
-        flow_map, x_s, s, t, dt=torch.ones_like(t), model_kwargs=kw, method=method
-    )
-    with torch.no_grad():
-        target = teacher(lagrangian.value.detach(), t, **kw)
+    with SharedRandomness(x_s.device) as shared:
+        lagrangian = shared(
+            directional_derivative,
+            flow_map,
+            x_s,
+            s,
+            t,
+            dt=torch.ones_like(t),
+            model_kwargs=kw,
+            method=method,
+        )
+        with torch.no_grad():
+            target = shared(teacher, lagrangian.value.detach(), t, **kw)
     return _mean_square(lagrangian.derivative - target)
 
 
@@ -135,13 +211,17 @@ def eulerian_map_distillation_loss(
     and time ``s``; the gradient flows through ``d_s X`` only (two JVPs, the second without graph).
     """
     kw = model_kwargs or {}
-    ones = torch.ones_like(s)
-    d_s = directional_derivative(flow_map, x_s, s, t, ds=ones, model_kwargs=kw, method=method)
-    with torch.no_grad():
-        b = teacher(x_s, s, **kw)
-        transport = directional_derivative(
-            flow_map, x_s, s, t, dx=b, model_kwargs=kw, method=method
+
+    def derivative(dx: Tensor | None = None, ds: Tensor | None = None) -> Derivative:
+        return directional_derivative(
+            flow_map, x_s, s, t, dx=dx, ds=ds, model_kwargs=kw, method=method
         )
+
+    with SharedRandomness(x_s.device) as shared:
+        d_s = shared(derivative, ds=torch.ones_like(s))
+        with torch.no_grad():
+            b = shared(teacher, x_s, s, **kw)
+            transport = shared(derivative, dx=b)
     return _mean_square(d_s.derivative + transport.derivative)
 
 
@@ -216,11 +296,13 @@ def progressive_self_distillation_loss(
     kw = model_kwargs or {}
     u = gamma * s + (1.0 - gamma) * t
     g = broadcast_time(gamma, x_s)
-    with torch.no_grad():
-        v_su = flow_map.slope(x_s, s, u, **kw)
-        x_u = x_s + broadcast_time(u - s, x_s) * v_su
-        target = (1.0 - g) * v_su + g * flow_map.slope(x_u, u, t, **kw)
-    return _mean_square(flow_map.slope(x_s, s, t, **kw) - target)
+    with SharedRandomness(x_s.device) as shared:
+        with torch.no_grad():
+            v_su = shared(flow_map.slope, x_s, s, u, **kw)
+            x_u = x_s + broadcast_time(u - s, x_s) * v_su
+            target = (1.0 - g) * v_su + g * shared(flow_map.slope, x_u, u, t, **kw)
+        v_st = shared(flow_map.slope, x_s, s, t, **kw)
+    return _mean_square(v_st - target)
 
 
 def diagonal_flow_matching_loss(
