@@ -17,6 +17,7 @@ checkpoint and resumes from the one before. The process group is joined once for
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -162,6 +163,8 @@ def run_cases(cases: list[list[Any]], run_dir: str) -> None:
         if rank == 0:
             save_file(weights, os.path.join(run_dir, f"{name}.safetensors"))
     if world_size > 1:
+        del model  # the last DDP / FSDP wrapper holds the group: free it before destroying that
+        gc.collect()
         dist.destroy_process_group()
 
 

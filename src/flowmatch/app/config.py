@@ -232,8 +232,9 @@ class ObjectiveConfig:
     # its Euler step); flowmatch distill turns it on
     time_derivative: Literal["jvp", "finite_difference"] = "jvp"  # flow maps: how d/dt of the
     # map is taken (finite_difference: for attention kernels without forward-mode derivatives)
-    adaptive_power: float = 1.0  # meanflow, imf: power p of the weight 1 / (|r|^2 + eps)^p (the
-    # papers' 1; on the 2-D checkerboard 0 diverges and 0.5 makes more jumps never worse)
+    adaptive_power: float = 0.0  # meanflow, imf, alpha-flow: power p of the weight
+    # 1 / (|r|^2 + eps)^p. The papers' p = 1 makes the loss |r| and the diagonal regress the
+    # conditional velocity's geometric median, not its mean (a biased velocity: docs/flow-maps.md)
 
     def __post_init__(self) -> None:
         from flowmatch.app.objectives import OBJECTIVES  # the registry builds from this schema

@@ -218,7 +218,11 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "alpha-flow": ObjectiveEntry(
         "flow map by alpha-Flow's curriculum from flow matching to MeanFlow (arXiv 2510.20771)",
         "flow_map",
-        _coupled(lambda parts: AlphaFlowObjective(parts.path, end_step=parts.config.train.steps)),
+        _coupled(
+            lambda parts: AlphaFlowObjective(
+                parts.path, end_step=parts.config.train.steps, power=_power(parts)
+            )
+        ),
         uses_coupling=True,
     ),
     "shortcut": ObjectiveEntry(

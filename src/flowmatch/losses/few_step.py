@@ -141,6 +141,7 @@ def alpha_flow_loss(
     alpha: float,
     eps: float = 1e-3,
     model_kwargs: dict[str, Any] | None = None,
+    power: float = 1.0,
 ) -> Tensor:
     """alpha-Flow (Zhang et al. 2025, arXiv 2510.20771; the official ``AlphaFlowLoss``).
 
@@ -151,15 +152,15 @@ def alpha_flow_loss(
 
     ``r = v_{s,t}(x_s) - sg(alpha velocity + (1 - alpha) v_{u,t}(x_s + alpha (t - s) velocity))``,
 
-    loss ``alpha adaptive_weight(|r|^2, 1, eps) |r|^2`` (the code's weight ``alpha / (|r|^2 +
-    eps)``, which keeps the gradient's scale as ``r = O(alpha)``). At ``alpha = 0`` it is
-    :func:`~flowmatch.losses.flow_maps.meanflow_loss` (one JVP, weight ``1 / (|D|^2 + eps)``).
+    loss ``alpha adaptive_weight(|r|^2, power, eps) |r|^2`` (at ``power = 1`` the code's weight
+    ``alpha / (|r|^2 + eps)``, which keeps the gradient's scale as ``r = O(alpha)``). At
+    ``alpha = 0`` it is :func:`~flowmatch.losses.flow_maps.meanflow_loss` (one JVP).
     With the exact ``b_s`` for ``velocity`` the residual at the exact map is ``O(alpha^2 (t -
     s))`` (an Euler step stands in for the flow over ``alpha (t - s)``): consistent as ``alpha
     -> 0`` only. ``alpha`` is one float for the batch.
     """
     if alpha == 0.0:
-        return meanflow_loss(flow_map, x_s, s, t, velocity, 1.0, eps, model_kwargs)
+        return meanflow_loss(flow_map, x_s, s, t, velocity, power, eps, model_kwargs)
     kw = model_kwargs or {}
     with SharedRandomness(x_s.device) as shared:
         with torch.no_grad():
@@ -171,7 +172,7 @@ def alpha_flow_loss(
                 target = target + (1.0 - alpha) * mean
         student = shared(flow_map.slope, x_s, s, t, **kw)
     squared_error = _mean_square(student - target)
-    return alpha * adaptively_weighted(squared_error, 1.0, eps)
+    return alpha * adaptively_weighted(squared_error, power, eps)
 
 
 def terminal_velocity_loss(
@@ -465,7 +466,7 @@ class AlphaFlowObjective(_FlowMapObjective):
     ``start_step``, ``0`` after ``end_step``, and values within ``clamp`` of 0 or 1 snapped to
     them (defaults: ``gamma = 25``, ``clamp = 0.005``); it depends on ``step`` alone, so there is
     no state. Off-diagonal pairs use :func:`alpha_flow_loss` at ``alpha(step)``; diagonal pairs
-    regress ``v_{t,t}`` on ``dI_t/dt`` with weight ``1 / (|r|^2 + eps)``. Pairs default to
+    regress ``v_{t,t}`` on ``dI_t/dt`` with weight ``1 / (|r|^2 + eps)^power``. Pairs default to
     :class:`~flowmatch.paths.time_pairs.LogitNormalTimePairs` with half the batch on the
     diagonal (the official ``ratio_fm = 0.5``). Guidance is left out.
     """
@@ -478,6 +479,7 @@ class AlphaFlowObjective(_FlowMapObjective):
         gamma: float = 25.0,
         clamp: float = 0.005,
         time_pairs: TimePairSampler | None = None,
+        power: float = 1.0,
         eps: float = 1e-3,
     ) -> None:
         if end_step <= start_step:
@@ -487,7 +489,7 @@ class AlphaFlowObjective(_FlowMapObjective):
         )
         super().__init__(path, time_pairs, learned_weight=False)
         self.start_step, self.end_step = start_step, end_step
-        self.gamma, self.clamp, self.eps = gamma, clamp, eps
+        self.gamma, self.clamp, self.power, self.eps = gamma, clamp, power, eps
 
     def alpha(self, step: int) -> float:
         """The curriculum's ``alpha`` at ``step``: 1 (trajectory flow matching) down to 0."""
@@ -514,7 +516,7 @@ class AlphaFlowObjective(_FlowMapObjective):
 
         def diagonal(rows: slice) -> Tensor:
             squared_error = self._diagonal(model, point, pairs, kw, rows)
-            return adaptively_weighted(squared_error, 1.0, self.eps)
+            return adaptively_weighted(squared_error, self.power, self.eps)
 
         def trajectory(rows: slice) -> Tensor:
             x_s, s, t, velocity = (
@@ -523,7 +525,9 @@ class AlphaFlowObjective(_FlowMapObjective):
                 pairs.t[rows],
                 point.velocity[rows],
             )
-            return alpha_flow_loss(model, x_s, s, t, velocity, alpha, self.eps, _rows(kw, rows))
+            return alpha_flow_loss(
+                model, x_s, s, t, velocity, alpha, self.eps, _rows(kw, rows), self.power
+            )
 
         return _diagonal_then_off(pairs, diagonal, trajectory)
 
