@@ -38,9 +38,10 @@ NETS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[in
     "unet": (small_unet, lambda: FlowMapNet(small_unet(num_times=2)), (1, 28, 28), 64),
 }
 # Every registered objective that trains on the run's data (reflow trains on a teacher's pairs),
-# and the JVP objectives with their time derivative by finite differences (``NAME:fd``).
+# the JVP objectives with their time derivative by finite differences (``NAME:fd``), and
+# MeanFlow with its stop-gradient tangent computed without a graph (``meanflow:graphfree``).
 OBJECTIVES = tuple(n for n, e in REGISTRY.items() if not e.trains_on_teacher_pairs)
-OBJECTIVES += ("lsd:fd", "esd:fd", "meanflow:fd", "lmd:fd")
+OBJECTIVES += ("lsd:fd", "esd:fd", "meanflow:fd", "lmd:fd", "meanflow:graphfree")
 
 
 def make_step(net_name: str, objective: str, seed: int = 0) -> Callable[[], Tensor]:
@@ -55,6 +56,8 @@ def make_step(net_name: str, objective: str, seed: int = 0) -> Callable[[], Tens
     config = RunConfig(objective=objective_config)
     model = build_net(make_flow_map, seed) if entry.is_flow_map else velocity
     loss_fn = build_objective(config, velocity.requires_grad_(False) if entry.teacher else None)
+    if variant == "graphfree":
+        loss_fn.tangent_graph = False
     optimiser = make_optimiser(model)
     generator = torch.Generator().manual_seed(seed)
     data = {"x1": torch.randn(batch, *shape, generator=generator)}

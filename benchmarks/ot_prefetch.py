@@ -8,6 +8,7 @@ its weights are bit-identical to plain exact OT (tests/test_app.py), so its qual
 exact OT's by construction.
 
     python benchmarks/ot_prefetch.py [--steps 1000] [--repeats 3] [--presets checkerboard,...]
+        [--batch 512] [--block-sizes 128] [--variants "sorted block 128 + prefetch",...]
 """
 
 from __future__ import annotations
@@ -20,28 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = {
-    "independent": [],
-    "exact-ot": ["path.coupling=exact-ot"],
-    "exact-ot + prefetch": ["path.coupling=exact-ot", "train.prefetch=true"],
-    "block-ot 128": ["path.coupling=exact-ot", "path.ot_block_size=128"],
-    "block-ot 128 + prefetch": [
-        "path.coupling=exact-ot",
-        "path.ot_block_size=128",
-        "train.prefetch=true",
-    ],
-    "sorted block-ot 128": [
-        "path.coupling=exact-ot",
-        "path.ot_block_size=128",
-        "path.ot_blocks=sorted",
-    ],
-    "sorted block-ot 128 + prefetch": [
-        "path.coupling=exact-ot",
-        "path.ot_block_size=128",
-        "path.ot_blocks=sorted",
-        "train.prefetch=true",
-    ],
-}
+from ot_quality import variants
+
+
+def timed_variants(block_sizes: list[int]) -> dict[str, list[str]]:
+    """Every OT variant of ``ot_quality.variants``, alone and with ``train.prefetch``."""
+    named = {}
+    for name, extra in variants(block_sizes).items():
+        named[name] = extra
+        if extra:
+            named[f"{name} + prefetch"] = [*extra, "train.prefetch=true"]
+    return named
 
 
 def steps_per_second(preset: str, steps: int, extra: list[str], batch: int, folder: Path) -> float:
@@ -61,16 +51,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--presets", default="checkerboard,eight-gaussians")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    parser.add_argument("--block-sizes", default="128")
+    parser.add_argument("--variants", help="comma-separated names (default: all)")
     args = parser.parse_args()
-    variants = {"independent": [], **{n: VARIANTS[n] for n in args.variants.split(",")}}
+    named = timed_variants([int(b) for b in args.block_sizes.split(",")])
+    chosen = args.variants.split(",") if args.variants else list(named)
+    unknown = sorted(set(chosen) - set(named))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(named)}")
+    variants_run = {"independent": [], **{n: named[n] for n in chosen}}
     root = Path(tempfile.mkdtemp())
     print(f"steps/s relative to independent coupling, batch {args.batch}, {args.steps} steps, "
           f"median [min-max] of {args.repeats} interleaved repeats")  # fmt: skip
     for preset in args.presets.split(","):
-        speeds: dict[str, list[float]] = {name: [] for name in variants}
+        speeds: dict[str, list[float]] = {name: [] for name in variants_run}
         for repeat in range(args.repeats):
-            for name, extra in variants.items():
+            for name, extra in variants_run.items():
                 folder = root / f"{preset}-{name.replace(' ', '')}-{repeat}"
                 speeds[name].append(steps_per_second(preset, args.steps, extra, args.batch, folder))
         base = speeds["independent"]

@@ -224,8 +224,11 @@ def default_time_scale(config: RunConfig) -> float:
     map, whose objectives differentiate the network in time (its time derivative grows with the
     scale: with 1000, MeanFlow's target is dominated by the fastest features; cf. Lu & Song
     2024, Sec. 4.1, on time embeddings in continuous-time consistency training), and 1000, the
-    ADM convention, for a velocity field."""
-    return 1.0 if OBJECTIVES[config.objective.name].is_flow_map else 1000.0
+    ADM convention, for a velocity field; an objective's registry entry may set its own."""
+    entry = OBJECTIVES[config.objective.name]
+    if entry.time_scale is not None:
+        return entry.time_scale
+    return 1.0 if entry.is_flow_map else 1000.0
 
 
 def _check_unet_levels(

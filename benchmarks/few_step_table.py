@@ -1,0 +1,156 @@
+"""Every flow-map objective against flow matching at equal training steps and equal wall-clock.
+
+For each workload (a preset) and seed, through the command line:
+
+- flow matching (independent and exact-OT coupling) trained ``--steps`` steps, sampled with 1,
+  2, 4, 8 Euler steps (and dopri5 on images);
+- every flow-map objective trained ``--steps`` steps (*equal steps*) and ``--steps / c`` steps
+  (*equal wall-clock*, ``c`` its step cost relative to flow matching in the saved output of
+  ``objective_cost.py``), sampled with 1, 2, 4, 8 jumps;
+- the distillations (``lmd``, ``emd``, ``pfmm``, ``scd``) from a flow-matching teacher trained
+  half the steps, distilled the other half (the teacher's steps count).
+
+Quality is the energy distance (2-D, 4096 samples) or the Frechet distance in the shipped LeNet
+features (images, 1000 samples), next to the metric's noise. Results go to ``--out`` as JSON
+and are printed as a markdown table (median [min-max] over seeds).
+
+    python benchmarks/few_step_table.py --presets checkerboard,eight-gaussians --seeds 0 \\
+        --costs results/objective_cost_mlp.txt --out results/few_step_2d.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from cli_runs import FLOWMATCH, quality, run_cli, train_run
+from flowmatch.app.objectives import OBJECTIVES
+
+JUMPS = (1, 2, 4, 8)
+FLOW_MAPS = [n for n, e in OBJECTIVES.items() if e.is_flow_map and not e.teacher]
+DISTILLED = [n for n, e in OBJECTIVES.items() if e.is_flow_map and e.teacher]
+
+
+def _distill(teacher: Path, folder: Path, objective: str, steps: int, seed: int) -> None:
+    command = [*FLOWMATCH, "distill", "--teacher", str(teacher), "--objective", objective]
+    run_cli([*command, "--out", str(folder), "--max-steps", str(steps), f"train.seed={seed}"])
+
+
+def _trained_quality(train: Callable[[], None], folder: Path, n: int, seed: int) -> dict:
+    """``_quality`` of the jumps after ``train()``; ``{}`` when training or sampling fails (a
+    diverged run: the table says so)."""
+    try:
+        train()
+        return quality(folder, "flow_map", list(JUMPS), n, seed)
+    except (RuntimeError, FloatingPointError) as error:
+        print(f"{folder.name}: {error}", file=sys.stderr)
+        return {}
+
+
+def read_costs(path: Path) -> dict[str, float]:
+    """``{objective: step cost}``: the median column of ``objective_cost.py``'s saved table."""
+    costs = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[1][:1].isdigit():
+            costs[cells[0]] = float(cells[1].split()[0])
+    return costs
+
+
+def measure(args: argparse.Namespace, preset: str, seed: int, root: Path) -> dict[str, dict]:
+    """``{row name: {label: (value, noise)}}`` of one workload and seed."""
+    images = preset in ("digits", "mnist-small")
+    n = 1000 if images else 4096
+    steps, out = args.steps, {}
+    costs = read_costs(Path(args.costs)) if args.costs else {}
+    fm = root / f"{preset}-fm-{seed}"
+    train_run(preset, fm, steps, seed, [])
+    out["fm (Euler)"] = quality(fm, "euler", list(JUMPS), n, seed)
+    if images:
+        out["fm (Euler)"].update(quality(fm, "dopri5", None, n, seed))
+    if not images:
+        ot = root / f"{preset}-ot-{seed}"
+        train_run(preset, ot, steps, seed, ["path.coupling=exact-ot"])
+        out["fm exact-OT (Euler)"] = quality(ot, "euler", list(JUMPS), n, seed)
+    flow_map_preset = f"{preset}-flowmap" if not images else preset
+    for name in [o for o in args.objectives if o in FLOW_MAPS]:
+        lengths = {"equal steps": steps}
+        if name in costs:
+            lengths["equal time"] = max(1, round(steps / costs[name]))
+        for kind, length in lengths.items():
+            folder = root / f"{preset}-{name}-{kind[6:]}-{seed}"
+            train = partial(train_run, flow_map_preset, folder, length, seed, [f"objective={name}"])
+            out[f"{name}, {kind} ({length})"] = _trained_quality(train, folder, n, seed)
+    distilled = [o for o in args.objectives if o in DISTILLED]
+    if distilled:
+        teacher = root / f"{preset}-teacher-{seed}"
+        train_run(preset, teacher, steps // 2, seed, [])
+        for name in distilled:
+            folder = root / f"{preset}-{name}-{seed}"
+            row = f"{name}, teacher {steps // 2} + {steps - steps // 2}"
+            distill = partial(_distill, teacher, folder, name, steps - steps // 2, seed)
+            out[row] = _trained_quality(distill, folder, n, seed)
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def report(results: dict[str, list[dict]]) -> str:
+    lines = []
+    for preset, runs in results.items():
+        images = "dopri5" in runs[0]["fm (Euler)"]
+        scale, unit = (1.0, "FD") if images else (1e3, "energy distance x 1e-3")
+        labels = [*map(str, JUMPS), *(["dopri5"] if images else [])]
+        noise = statistics.median(
+            scale * cell[1] for run in runs for row in run.values() for cell in row.values()
+            if cell[1] is not None
+        )  # fmt: skip
+        lines += [f"\n### {preset}: {unit}, {len(runs)} seed(s), metric noise ~{noise:.2f}\n"]
+        lines += ["| row | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for row in runs[0]:
+            cells = []
+            for label in labels:
+                values = [scale * run[row][label][0] for run in runs if label in run[row]]
+                cells.append(_cell(values) if values else "failed")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="checkerboard,eight-gaussians")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--objectives", nargs="+", default=FLOW_MAPS + DISTILLED)
+    parser.add_argument("--costs", help="objective_cost.py's output, saved (equal wall-clock)")
+    parser.add_argument("--out", type=Path, help="JSON results (extended on re-runs)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    unknown = sorted(set(args.objectives) - set(FLOW_MAPS + DISTILLED))
+    if unknown:
+        parser.error(f"not flow-map objectives: {', '.join(unknown)}")
+    results: dict[str, list[dict]] = {}
+    if args.out is not None and args.out.exists():
+        results = json.loads(args.out.read_text())
+    root = Path(tempfile.mkdtemp())
+    for preset in args.presets.split(","):
+        results[preset] = [measure(args, preset, int(s), root) for s in args.seeds.split(",")]
+        if args.out is not None:
+            args.out.write_text(json.dumps(results, indent=1))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The time embedding's scale of each kind of run, and MeanFlow's adaptive weight.
+
+Flow maps default to ``model.time_scale=1`` and the MeanFlow family to an unweighted loss
+(``objective.adaptive_power=0``): docs/flow-maps.md has the measurements behind both.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowmatch.app.runs import load_run, read_config
+from flowmatch.cli.main import main
+from flowmatch.losses.flow_maps import adaptively_weighted
+
+TINY = ["model.hidden=16", "model.depth=2", "train.batch_size=32", "train.log_every=5"]
+
+
+def _train(out: Path, *extra: str) -> None:
+    argv = ["train", "--preset", "gmm", "--out", str(out), "--max-steps", "4", *TINY, *extra]
+    assert main(argv) == 0
+
+
+def _recorded(run: Path) -> float:
+    return json.loads((run / "config.json").read_text())["model"]["time_scale"]
+
+
+def _embedding_scale(run: Path) -> float:
+    model = load_run(run).model
+    return next(m.scale for m in model.modules() if hasattr(m, "max_period"))
+
+
+def test_each_run_records_the_time_scale_its_network_was_built_with(tmp_path):
+    _train(tmp_path / "velocity")
+    _train(tmp_path / "map", "objective=lsd")
+    _train(tmp_path / "tvm", "objective=tvm")
+    _train(tmp_path / "chosen", "objective=lsd", "model.time_scale=10")
+    argv = ["distill", "--teacher", str(tmp_path / "velocity"), "--objective", "lmd"]
+    assert main([*argv, "--out", str(tmp_path / "student"), "--max-steps", "2"]) == 0
+    expected = {"velocity": 1000.0, "map": 1.0, "tvm": 1000.0, "chosen": 10.0, "student": 1000.0}
+    for name, scale in expected.items():
+        assert _recorded(tmp_path / name) == scale, name
+        assert _embedding_scale(tmp_path / name) == scale, name
+
+
+def test_a_run_written_before_the_key_reads_as_scale_1000(tmp_path):
+    _train(tmp_path / "map", "objective=lsd")
+    config_file = tmp_path / "map" / "config.json"
+    record = json.loads(config_file.read_text())
+    del record["model"]["time_scale"]
+    config_file.write_text(json.dumps(record))
+    assert read_config(tmp_path / "map").model.time_scale == 1000.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_bad_time_scale_is_one_line(tmp_path, capsys, value):
+    argv = ["train", "--preset", "gmm", "--out", str(tmp_path / "r"), f"model.time_scale={value}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "time_scale" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_power_one_weight_regresses_the_geometric_median_not_the_mean():
+    # V: 90 % of the mass at 0, 10 % at 10. A constant c minimising the weighted loss is the
+    # mean (1.0) at power 0 and the median (0) at power 1, MeanFlow's weight: the flow-matching
+    # velocity, a conditional mean, is then biased.
+    targets = torch.cat([torch.zeros(900, 1), torch.full((100, 1), 10.0)])
+    found = {}
+    for power in (0.0, 1.0):
+        c = torch.zeros(1, requires_grad=True)
+        optimiser = torch.optim.Adam([c], lr=0.05)
+        for _ in range(800):
+            loss = adaptively_weighted(((c - targets) ** 2).mean(1), power, 1e-3).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        found[power] = float(c.detach())
+    assert abs(found[0.0] - 1.0) < 0.05
+    assert abs(found[1.0]) < 0.1
