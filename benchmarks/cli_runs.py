@@ -46,7 +46,7 @@ def quality(folder: Path, solver: str, steps: list[int] | None, n: int, seed: in
         rows = json.loads(run_cli(command))["quality"]
         labels = [str(s) for s in steps] if steps is not None else [solver]
         return {
-            label: (row["fd"], row.get("fd_noise")) for label, row in zip(labels, rows, strict=True)
+            label: (row["frechet_distance"], None) for label, row in zip(labels, rows, strict=True)
         }
     target = TOY_DATASETS[run.config.data.name]()
     generator = torch.Generator().manual_seed(10_000 + seed)

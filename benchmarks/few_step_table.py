@@ -7,6 +7,8 @@ For each workload (a preset) and seed, through the command line:
 - every flow-map objective trained ``--steps`` steps (*equal steps*) and ``--steps / c`` steps
   (*equal wall-clock*, ``c`` its step cost relative to flow matching in the saved output of
   ``objective_cost.py``), sampled with 1, 2, 4, 8 jumps;
+- with ``--ot-objectives``, those objectives at equal steps on minibatch-OT pairs (sorted
+  blocks of 128, prefetched);
 - the distillations (``lmd``, ``emd``, ``pfmm``, ``scd``) from a flow-matching teacher trained
   half the steps, distilled the other half (the teacher's steps count).
 
@@ -35,6 +37,14 @@ from cli_runs import FLOWMATCH, quality, run_cli, train_run
 from flowmatch.app.objectives import OBJECTIVES
 
 JUMPS = (1, 2, 4, 8)
+# Minibatch OT at about the price of independent coupling (BENCHMARKS.md): sorted blocks of 128,
+# the next step's pairing prepared while the current step trains.
+OT = [
+    "path.coupling=exact-ot",
+    "path.ot_block_size=128",
+    "path.ot_blocks=sorted",
+    "train.prefetch=true",
+]
 FLOW_MAPS = [n for n, e in OBJECTIVES.items() if e.is_flow_map and not e.teacher]
 DISTILLED = [n for n, e in OBJECTIVES.items() if e.is_flow_map and e.teacher]
 
@@ -89,6 +99,10 @@ def measure(args: argparse.Namespace, preset: str, seed: int, root: Path) -> dic
             folder = root / f"{preset}-{name}-{kind[6:]}-{seed}"
             train = partial(train_run, flow_map_preset, folder, length, seed, [f"objective={name}"])
             out[f"{name}, {kind} ({length})"] = _trained_quality(train, folder, n, seed)
+    for name in args.ot_objectives:
+        folder = root / f"{preset}-{name}-ot-{seed}"
+        train = partial(train_run, flow_map_preset, folder, steps, seed, [f"objective={name}", *OT])
+        out[f"{name} + sorted block OT 128, equal steps"] = _trained_quality(train, folder, n, seed)
     distilled = [o for o in args.objectives if o in DISTILLED]
     if distilled:
         teacher = root / f"{preset}-teacher-{seed}"
@@ -113,18 +127,22 @@ def report(results: dict[str, list[dict]]) -> str:
         images = "dopri5" in runs[0]["fm (Euler)"]
         scale, unit = (1.0, "FD") if images else (1e3, "energy distance x 1e-3")
         labels = [*map(str, JUMPS), *(["dopri5"] if images else [])]
-        noise = statistics.median(
+        noises = [
             scale * cell[1] for run in runs for row in run.values() for cell in row.values()
             if cell[1] is not None
-        )  # fmt: skip
-        lines += [f"\n### {preset}: {unit}, {len(runs)} seed(s), metric noise ~{noise:.2f}\n"]
+        ]  # fmt: skip
+        noise = f", metric noise ~{statistics.median(noises):.2f}" if noises else ""
+        lines += [f"\n### {preset}: {unit}, {len(runs)} seed(s){noise}\n"]
         lines += ["| row | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-        for row in runs[0]:
+        rows = list(dict.fromkeys(row for run in runs for row in run))  # every seed's rows
+        for row in rows:
+            measured = [run[row] for run in runs if row in run]
             cells = []
             for label in labels:
-                values = [scale * run[row][label][0] for run in runs if label in run[row]]
+                values = [scale * m[label][0] for m in measured if label in m]
                 cells.append(_cell(values) if values else "failed")
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            seeds = f" ({len(measured)} seeds)" if len(measured) != len(runs) else ""
+            lines.append(f"| {row}{seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -134,19 +152,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--objectives", nargs="+", default=FLOW_MAPS + DISTILLED)
+    parser.add_argument("--ot-objectives", nargs="*", default=[], help="also with OT pairs")
     parser.add_argument("--costs", help="objective_cost.py's output, saved (equal wall-clock)")
-    parser.add_argument("--out", type=Path, help="JSON results (extended on re-runs)")
+    parser.add_argument("--out", type=Path, help="JSON results (a re-run adds its seeds)")
+    parser.add_argument("--report-only", action="store_true", help="print --out's table")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    unknown = sorted(set(args.objectives) - set(FLOW_MAPS + DISTILLED))
+    unknown = sorted(set(args.objectives + args.ot_objectives) - set(FLOW_MAPS + DISTILLED))
     if unknown:
         parser.error(f"not flow-map objectives: {', '.join(unknown)}")
     results: dict[str, list[dict]] = {}
     if args.out is not None and args.out.exists():
         results = json.loads(args.out.read_text())
     root = Path(tempfile.mkdtemp())
-    for preset in args.presets.split(","):
-        results[preset] = [measure(args, preset, int(s), root) for s in args.seeds.split(",")]
+    for preset in [] if args.report_only else args.presets.split(","):
+        runs = [measure(args, preset, int(s), root) for s in args.seeds.split(",")]
+        results[preset] = results.get(preset, []) + runs
         if args.out is not None:
             args.out.write_text(json.dumps(results, indent=1))
     print(report(results))

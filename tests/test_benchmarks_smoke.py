@@ -158,3 +158,29 @@ def test_settings_on_the_command_line():
     assert run.setting("batch_sizes=64") == ("batch_sizes", (64,))
     assert run.setting("tolerance=1e-3") == ("tolerance", 1e-3)
     assert run.setting("memory_in_fresh_process=false") == ("memory_in_fresh_process", False)
+
+
+def _script(name: str, *args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_few_step_table_and_ot_quality_run_end_to_end(tmp_path):
+    costs = tmp_path / "costs.txt"
+    costs.write_text("| objective | step time / fm's | peak RSS |\n| lsd | 2.00 [1-3] | 9 |\n")
+    out = tmp_path / "few.json"
+    args = ["--presets", "checkerboard", "--steps", "6", "--objectives", "lsd", "--costs"]
+    table = _script("few_step_table.py", *args, str(costs), "--out", str(out), tmp_path=tmp_path)
+    rows = json.loads(out.read_text())["checkerboard"][0]
+    assert set(rows) == {"fm (Euler)", "fm exact-OT (Euler)", "lsd, equal steps (6)",
+                         "lsd, equal time (3)"}  # fmt: skip
+    assert all(set(cells) == {"1", "2", "4", "8"} for cells in rows.values())
+    assert "| lsd, equal time (3) |" in table
+    args = ["--steps", "6", "--seeds", "0", "--presets", "checkerboard", "--block-sizes", "64"]
+    quality = _script("ot_quality.py", *args, "--variants", "sorted block 64", tmp_path=tmp_path)
+    assert "sorted block 64:" in quality
