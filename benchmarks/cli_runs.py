@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from flowmatch.app.evaluation import generate
-from flowmatch.app.runs import load_run
+from flowmatch.app.runs import load_run, read_config
 from flowmatch.data.toy import TOY_DATASETS
 from flowmatch.metrics import energy_distance
 
@@ -37,8 +37,8 @@ def quality(folder: Path, solver: str, steps: list[int] | None, n: int, seed: in
     distance of 2-D samples to ``n`` fresh target draws, with the same distance between two
     target samples as its noise (in this process: ``flowmatch eval`` also computes W2, slow at
     4096), or the FD of images in the shipped LeNet features (``flowmatch eval``)."""
-    run = load_run(folder)
-    if run.config.data.name not in TOY_DATASETS:
+    name = read_config(folder).data.name
+    if name not in TOY_DATASETS:  # images: flowmatch eval loads the run itself
         command = [*FLOWMATCH, "eval", str(folder), "--solver", solver, "--no-nll", "--json"]
         command += ["--n", str(n), "--seed", str(seed)]
         if steps is not None:
@@ -48,7 +48,8 @@ def quality(folder: Path, solver: str, steps: list[int] | None, n: int, seed: in
         return {
             label: (row["frechet_distance"], None) for label, row in zip(labels, rows, strict=True)
         }
-    target = TOY_DATASETS[run.config.data.name]()
+    run = load_run(folder)
+    target = TOY_DATASETS[name]()
     generator = torch.Generator().manual_seed(10_000 + seed)
     reference, other = target.sample(n, generator), target.sample(n, generator)
     noise = float(energy_distance(other, reference))
