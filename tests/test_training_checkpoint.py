@@ -22,6 +22,7 @@ from flowmatch.training.checkpoint import (
     prune_checkpoints,
     resume_conflicts,
 )
+from flowmatch.training.config import ConfigError
 
 
 def make_checkpoint(step: int = 3) -> Checkpoint:
@@ -134,6 +135,26 @@ def test_config_mismatch_raises_and_names_the_keys(tmp_path):
     config["model"]["hidden"] = 4
     with pytest.raises(CheckpointError, match=r"model\.hidden: 3 there, 4 here"):
         load_checkpoint(path, expected_config=config)
+
+
+def test_the_stored_record_is_compared_as_read_record_reads_it(tmp_path):
+    path = tmp_path / "ckpt-000003.safetensors"
+    save_checkpoint(path, make_checkpoint())  # its record has no "model.width"
+    config = {**make_checkpoint().config, "model": {"hidden": 3, "width": 8}}
+    with pytest.raises(CheckpointError, match=r"model\.width: '<missing>' there, 8 here"):
+        load_checkpoint(path, expected_config=config)
+
+    def with_default_width(stored):
+        return {**stored, "model": {"width": 8, **stored["model"]}}
+
+    load_checkpoint(path, expected_config=config, read_record=with_default_width)
+
+    def unreadable(stored):
+        raise ConfigError("model.hidden: unknown key")
+
+    with pytest.raises(CheckpointError, match="holds a config this version cannot read") as error:
+        load_checkpoint(path, expected_config=config, read_record=unreadable)
+    assert "\n" not in str(error.value)
 
 
 def test_the_resume_rule_frees_only_the_train_keys_that_keep_the_stream():

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -30,7 +31,6 @@ from flowmatch.training.checkpoint import (
     check_state,
     latest_checkpoint,
     load_checkpoint,
-    resume_conflicts,
 )
 from flowmatch.training.config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from flowmatch.training.files import RunFileError, read_bytes
@@ -91,11 +91,21 @@ def read_config(run_dir: str | Path) -> RunConfig:
         config = read_config_file(folder.config, root=folder.root)
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
-    if config.model.time_scale is None:  # a run from before the key: every network used 1000
-        config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, time_scale=1000.0)
-        )
-    return config
+    return _settled_time_scale(config)
+
+
+def _settled_time_scale(config: RunConfig) -> RunConfig:
+    if config.model.time_scale is not None:
+        return config
+    # a run from before the key: every network used 1000
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, time_scale=1000.0))
+
+
+def read_record(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored record (a checkpoint's config) as this version reads it: through the
+    schema, so a key added since takes its default (``model.time_scale`` the 1000 of every run
+    before it). ``ConfigError`` if this version cannot read it."""
+    return config_to_dict(_settled_time_scale(config_from_dict(RunConfig, stored)))
 
 
 def read_spec(folder: RunFolder) -> DataSpec:
@@ -162,21 +172,12 @@ def _read_checkpoint(
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(folder.root)
     if path is None:
         raise CheckpointError(f"{folder.root} has no checkpoint yet")
-    state = load_checkpoint(path)
+    expected = config_to_dict(config) if compare else None
+    state = load_checkpoint(path, expected, read_record)
     if state.step > config.train.steps:
         raise CheckpointError(
             f"{path} is at step {state.step}, beyond the run's {config.train.steps}"
         )
-    if compare:
-        try:
-            stored = config_to_dict(config_from_dict(RunConfig, state.config))
-        except ConfigError as error:
-            raise CheckpointError(
-                f"{path} holds a config this version cannot read: {error}"
-            ) from None
-        conflicts = resume_conflicts(stored, config_to_dict(config))
-        if conflicts:
-            raise CheckpointError(f"{path} was written with another config: {'; '.join(conflicts)}")
     return state.ema, state.step
 
 

@@ -29,6 +29,7 @@ from flowmatch.app.runs import (
     init_from_run,
     load_teacher,
     read_config,
+    read_record,
     reflow_source,
     warm_start,
     write_spec,
@@ -39,7 +40,6 @@ from flowmatch.training.checkpoint import (
     checkpoint_to_resume,
     latest_checkpoint,
     load_checkpoint,
-    resume_conflicts,
 )
 from flowmatch.training.config import ConfigError, config_to_dict, resolve_device
 from flowmatch.training.distributed import world_size_from_env
@@ -131,13 +131,12 @@ def check_resume(config: RunConfig, run_dir: Path, resume: bool) -> None:
         ) from None
     if last is None:
         return
-    stored = load_checkpoint(last).config
-    conflicts = resume_conflicts(stored, config_to_dict(config))
-    if conflicts:
+    try:
+        load_checkpoint(last, config_to_dict(config), read_record)
+    except CheckpointError as error:
         raise CheckpointError(
-            f"--resume {run_dir}: the config differs from its last checkpoint in "
-            f"{'; '.join(conflicts)} (start a new run, e.g. with model.init_from={run_dir})"
-        )
+            f"--resume {run_dir}: {error} (start a new run, e.g. with model.init_from={run_dir})"
+        ) from None
 
 
 def validation_loss(data: Data, objective: Any, seed: int, n: int = 2048) -> Callable | None:
@@ -211,6 +210,7 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> str:
         resume=resume,
         validate=validate,
         context=context_of(config),
+        read_record=read_record,
     )
     if not main_process:
         return ""

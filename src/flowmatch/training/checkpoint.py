@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from flowmatch.training.config import MAX_STEPS, TrainConfig, may_change_on_resume
+from flowmatch.training.config import MAX_STEPS, ConfigError, TrainConfig, may_change_on_resume
 from flowmatch.training.files import RunFileError, atomic_write, read_bytes
 
 FORMAT = "flowmatch.checkpoint/1"
@@ -137,12 +138,18 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
-def load_checkpoint(path: str | Path, expected_config: dict[str, Any] | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path,
+    expected_config: dict[str, Any] | None = None,
+    read_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU.
 
-    If ``expected_config`` is given, the checkpoint's config must agree with it under the
-    resume rule (:func:`resume_conflicts`). Raises ``CheckpointError`` if the file is
-    unreadable, truncated, corrupt, not a flowmatch checkpoint, or written with another config.
+    If ``expected_config`` is given, the checkpoint's config, read by ``read_record`` (e.g. a
+    schema that gives keys added since their defaults, raising ``ConfigError`` for a record it
+    cannot read; default: as stored), must agree with it under the resume rule
+    (:func:`resume_conflicts`). Raises ``CheckpointError`` if the file is unreadable, truncated,
+    corrupt, not a flowmatch checkpoint, or written with another config.
     """
     path = Path(path)
     try:
@@ -171,7 +178,12 @@ def load_checkpoint(path: str | Path, expected_config: dict[str, Any] | None = N
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} is malformed: {type(error).__name__} {error}") from None
     if expected_config is not None:
-        conflicts = resume_conflicts(checkpoint.config, expected_config)
+        try:
+            stored = checkpoint.config if read_record is None else read_record(checkpoint.config)
+        except ConfigError as error:
+            message = f"{path} holds a config this version cannot read: {error}"
+            raise CheckpointError(message) from None
+        conflicts = resume_conflicts(stored, expected_config)
         if conflicts:
             raise CheckpointError(f"{path} was written with another config: {'; '.join(conflicts)}")
     return checkpoint

@@ -157,6 +157,7 @@ def train(
     resume: bool = False,
     validate: Callable[[nn.Module], float] | None = None,
     context: dict[str, Any] | None = None,
+    read_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``objective`` with data from ``source``; write the run to ``run_dir``.
 
@@ -164,7 +165,9 @@ def train(
     ``validate(ema_model) -> float`` runs every ``val_every`` (default: ``log_every``) steps on
     rank 0. ``context`` is what else defines the run (JSON-ready sections describing the data,
     network, objective): config.json and every checkpoint hold ``{"train": config, **context}``,
-    and a resumed run must agree with it (:func:`~flowmatch.training.checkpoint.resume_conflicts`).
+    and a resumed run must agree with it (:func:`~flowmatch.training.checkpoint.resume_conflicts`),
+    the stored record read by ``read_record`` (your schema, to give keys added since their
+    defaults; default: as stored).
     Launch under torchrun for several processes, each given the same arguments. With
     ``config.parallel == "fsdp"`` and several processes, ``model`` is sharded in place (its
     parameters become ``DTensor`` shards): read the trained weights from the run folder.
@@ -177,7 +180,7 @@ def train(
     micro_size = config.micro_size(distributed.world_size_from_env())
     ctx = distributed.setup(config.device)
     try:
-        state = _start(model, objective, config, record, RunDir(run_dir), ctx, resume)
+        state = _start(model, objective, config, record, RunDir(run_dir), ctx, resume, read_record)
         return _loop(state, source, config, record, RunDir(run_dir), ctx, micro_size, validate)
     finally:
         distributed.teardown(ctx)
@@ -191,6 +194,7 @@ def _start(
     run: RunDir,
     ctx: distributed.DistContext,
     resume: bool,
+    read_record: Callable[[dict[str, Any]], dict[str, Any]] | None,
 ) -> _State:
     """Set-up and resume: the model on its device, optimizer, DDP, EMA; every process reads the
     last checkpoint, rank 0 alone prepares the run folder."""
@@ -240,7 +244,7 @@ def _start(
         last_checkpoint=checkpoint_to_resume(run.root, resume),
     )
     if state.last_checkpoint is not None:
-        checkpoint = load_checkpoint(state.last_checkpoint, record)
+        checkpoint = load_checkpoint(state.last_checkpoint, record, read_record)
         _restore(checkpoint, state, cfg, ctx, state.last_checkpoint)
     if ctx.is_main:
         run.create()
