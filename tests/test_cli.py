@@ -126,6 +126,19 @@ def test_init_from_starts_a_new_run_from_a_finished_runs_weights(run_dir, tmp_pa
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_flow_map_started_from_a_velocity_run_starts_at_its_euler_step(run_dir, tmp_path):
+    out = tmp_path / "map"
+    argv = ["train", "--preset", "gmm", "--out", str(out), *TINY, f"model.init_from={run_dir}"]
+    constant = ["train.lr=1e-20", "train.lr_schedule=constant", "train.warmup_steps=0"]
+    assert main([*argv, "objective=shortcut", "--max-steps", "2", *constant]) == 0
+    velocity, flow_map = load_run(run_dir), load_run(out)
+    # the velocity run's time embedding (1000), not a flow map's default (1)
+    assert flow_map.config.model.time_scale == velocity.config.model.time_scale == 1000.0
+    x, s, t = torch.randn(64, 2), torch.rand(64), torch.rand(64)
+    expected = x + (t - s)[:, None] * velocity.model(x, s)
+    torch.testing.assert_close(flow_map.model(x, s, t), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_corrupt_or_foreign_checkpoints_are_one_line_errors(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -231,8 +231,19 @@ def warm_start(model: nn.Module, teacher: nn.Module) -> None:
 
 
 def init_from_run(model: nn.Module, run_dir: str | Path) -> None:
-    """Copy the EMA weights of the run in ``run_dir`` (its last checkpoint) into ``model``."""
-    theirs, ours = load_run(run_dir).model.state_dict(), model.state_dict()
+    """Copy the EMA weights of the run in ``run_dir`` (its last checkpoint) into ``model``; a
+    flow map started from a velocity run starts at its Euler step (:func:`warm_start`)."""
+    source = load_run(run_dir).model
+    if isinstance(model, FlowMapNet) and not isinstance(source, FlowMapNet):
+        try:
+            warm_start_from_velocity(model, source)
+        except ValueError as error:
+            raise ConfigError(
+                f"model.init_from: {run_dir} holds another network ({error}): use its model "
+                "settings"
+            ) from None
+        return
+    theirs, ours = source.state_dict(), model.state_dict()
 
     def shape(state: dict[str, Tensor], key: str) -> str:
         return str(tuple(state[key].shape)) if key in state else "missing"

@@ -102,12 +102,15 @@ def _with_steps(config: RunConfig, max_steps: int | None) -> RunConfig:
 
 def settle_time_scale(config: RunConfig) -> RunConfig:
     """``config`` with ``model.time_scale`` a number, as config.json records it: unset, it is
-    the teacher's for a warm start (the copied weights expect its embedding), else
+    that of the run whose weights start this one (``model.init_from``, or the teacher for a
+    warm start: the copied weights expect its embedding), else
     :func:`~flowmatch.app.build.default_time_scale`."""
     if config.model.time_scale is not None:
         return config
     teacher = config.objective.teacher
-    if config.objective.warm_start and teacher is not None:
+    if config.model.init_from is not None:
+        scale = read_config(config.model.init_from).model.time_scale
+    elif config.objective.warm_start and teacher is not None:
         scale = read_config(teacher).model.time_scale
     else:
         scale = default_time_scale(config)
