@@ -14,7 +14,6 @@ from flowmatch.losses.few_step import (
     ImprovedMeanFlowObjective,
     ShortcutObjective,
     ShortcutTimePairs,
-    SplitMeanFlowObjective,
     TerminalVelocityObjective,
     TerminalVelocityTimePairs,
     alpha_flow_loss,
@@ -23,6 +22,7 @@ from flowmatch.losses.few_step import (
     shortcut_loss,
     terminal_velocity_loss,
 )
+from flowmatch.losses.flow_map_objectives import SelfDistillationObjective, psd_uniform
 from flowmatch.losses.flow_maps import progressive_self_distillation_loss
 from flowmatch.nets import MLP, FlowMapNet
 from flowmatch.oracles import GaussianOracle
@@ -132,7 +132,7 @@ def test_objectives_at_the_exact_map(float64, schedule):
     # error is O(d), the square O(d^2); halving min_step divides it by ~4 (measured 3.3-4.3).
     assert finest_means[0] > 1e-4
     assert finest_means[1] < finest_means[0] / 2 and finest_means[2] < finest_means[1] / 2
-    split = SplitMeanFlowObjective(path)
+    split = SelfDistillationObjective(path, psd_uniform)  # SplitMeanFlow
     loss = split(oracle, batch, 0, torch.Generator().manual_seed(3))
     assert loss[192:].max() < 1e-20 and loss[:192].mean() > 0.1  # measured 1e-28 off-diagonal
     # TVM: the terminal term vanishes and what is left is flow matching at the replayed u.
@@ -246,11 +246,12 @@ def test_split_meanflow_is_the_interval_split_with_a_stopped_target(float64):
     net = _tiny_flow_map()
     frozen = copy.deepcopy(net).requires_grad_(False)
     x1 = torch.randn(32, 2, generator=torch.Generator().manual_seed(4))
-    loss = SplitMeanFlowObjective(PATH)(net, {"x1": x1}, 0, torch.Generator().manual_seed(5))
+    split = SelfDistillationObjective(PATH, psd_uniform)
+    loss = split(net, {"x1": x1}, 0, torch.Generator().manual_seed(5))
     # Replay the draws: noise, pairs (24 diagonal), then gamma for the 8 others.
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(x1.shape, generator=g)
-    pairs = SplitMeanFlowObjective(PATH).time_pairs(32, generator=g)
+    pairs = split.time_pairs(32, generator=g)
     gamma = torch.rand(8, generator=g)
     point = PATH.sample(x0, x1, pairs.s)
     x, s, t = point.x_t[24:], pairs.s[24:], pairs.t[24:]
@@ -354,7 +355,7 @@ def _oracle_teacher(path):
 
 TRAINED = {
     "shortcut": lambda path: ShortcutObjective(path, min_step=1 / 8, self_consistency_fraction=0.5),
-    "split-meanflow": lambda path: SplitMeanFlowObjective(path),
+    "split-meanflow": lambda path: SelfDistillationObjective(path, psd_uniform),
     "improved-meanflow": lambda path: ImprovedMeanFlowObjective(path),
     # alpha reaches 0 (MeanFlow) near step 300 of the 600.
     "alpha-flow": lambda path: AlphaFlowObjective(path, end_step=400),
@@ -419,16 +420,13 @@ def test_state_is_the_learned_weight_and_labels_reach_the_model():
         b = objective(model, {"x1": x1, "y": y1}, 0, torch.Generator().manual_seed(0))
         assert a.shape == (16,) and not torch.allclose(a, b)
     model = _tiny_flow_map()
-    for objective in (
-        ShortcutObjective(PATH, learned_weight=True),
-        SplitMeanFlowObjective(PATH, learned_weight=True),
-    ):
-        state = objective.state_dict()
-        assert state and all(k.startswith("loss_weight.") for k in state)
-        # At initialisation (w = 0) the weighted loss equals the plain one.
-        plain = type(objective)(PATH)(model, {"x1": x1}, 0, torch.Generator().manual_seed(0))
-        weighted = objective(model, {"x1": x1}, 0, torch.Generator().manual_seed(0))
-        assert torch.allclose(plain, weighted, atol=1e-6)
+    objective = ShortcutObjective(PATH, learned_weight=True)
+    state = objective.state_dict()
+    assert state and all(k.startswith("loss_weight.") for k in state)
+    # At initialisation (w = 0) the weighted loss equals the plain one.
+    plain = ShortcutObjective(PATH)(model, {"x1": x1}, 0, torch.Generator().manual_seed(0))
+    weighted = objective(model, {"x1": x1}, 0, torch.Generator().manual_seed(0))
+    assert torch.allclose(plain, weighted, atol=1e-6)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=["condot", "cosine"])

@@ -27,7 +27,6 @@ from flowmatch.losses import (
     ProgressiveMapDistillationObjective,
     SelfDistillationObjective,
     ShortcutObjective,
-    SplitMeanFlowObjective,
     TerminalVelocityObjective,
     esd,
     eulerian_map_distillation_loss,
@@ -239,13 +238,10 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         uses_coupling=True,
     ),
     "split-meanflow": ObjectiveEntry(
-        "flow map by SplitMeanFlow's interval splitting, no JVP (arXiv 2507.16884)",
+        "flow map by SplitMeanFlow's interval splitting, no JVP (arXiv 2507.16884): the loss "
+        "of psd-uniform",
         "flow_map",
-        _coupled(
-            lambda parts: SplitMeanFlowObjective(
-                parts.path, learned_weight=parts.config.objective.learned_weight
-            )
-        ),
+        _coupled(_self_distillation(psd_uniform, takes_derivative=False)),
         uses_coupling=True,
     ),
     "tvm": ObjectiveEntry(

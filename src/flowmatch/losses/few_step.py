@@ -1,5 +1,6 @@
-"""Few-step flow-map families of 2024-2025: shortcut models, SplitMeanFlow, iMF, alpha-Flow, TVM
-and continuous-time consistency (sCM).
+"""Few-step flow-map families of 2024-2025: shortcut models, iMF, alpha-Flow, TVM and
+continuous-time consistency (sCM). SplitMeanFlow's loss is progressive self-distillation
+(:func:`~flowmatch.losses.flow_map_objectives.psd_uniform`).
 
 This module owns their loss kernels and training objectives, written for a two-time flow map
 ``X_{s,t}(x) = x + (t - s) v_{s,t}(x)`` in flowmatch time (``t = 0`` noise, ``t = 1`` data; see
@@ -44,11 +45,10 @@ from flowmatch.losses.flow_maps import (
     directional_derivative,
     lagrangian_self_distillation_loss,
     meanflow_loss,
-    progressive_self_distillation_loss,
 )
 from flowmatch.paths.affine import AffinePath
 from flowmatch.paths.schedules import Schedule
-from flowmatch.paths.time_pairs import DiagonalSplitTimePairs, LogitNormalTimePairs, TimePairs
+from flowmatch.paths.time_pairs import LogitNormalTimePairs, TimePairs
 from flowmatch.paths.time_samplers import LogitNormalTimeSampler
 from flowmatch.shapes import broadcast_time
 from flowmatch.solvers.sde import time_of_noise_ratio
@@ -355,53 +355,6 @@ class ShortcutObjective(_FlowMapObjective):
             return shortcut_loss(model, point.x_t[rows], s, d, teacher_gap, _rows(kw, rows))
 
         return self._weigh(_diagonal_then_off(pairs, diagonal, self_consistency), pairs)
-
-
-class SplitMeanFlowObjective(_FlowMapObjective):
-    """SplitMeanFlow (Guo et al. 2025, interval splitting consistency, Sec. 3 and Alg. 1).
-
-    The paper's identity ``(t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t)``
-    for ``r <= s <= t`` with ``s = (1 - lambda) t + lambda r``, ``lambda ~ U[0, 1]``, and ``z_s =
-    z_t - (t - s) u(z_t, s, t)`` is, in flowmatch time (``u(z, r, t) = -v_{1-t,1-r}(z)``), the
-    split ``v_{s,t}(x_s) = (1 - gamma) v_{s,u}(x_s) + gamma v_{u,t}(X_{s,u}(x_s))`` at ``u = gamma
-    s + (1 - gamma) t``, ``gamma = 1 - lambda``: the noisier sub-interval is taken first, as in
-    the paper. That is :func:`~flowmatch.losses.flow_maps.progressive_self_distillation_loss`
-    with ``gamma ~ U[0, 1]`` (target under ``sg``, no JVP). Diagonal pairs carry the boundary
-    condition ``u(z_t, t, t) = v``: flow matching of ``v_{t,t}``. Pairs default to
-    :class:`~flowmatch.paths.time_pairs.DiagonalSplitTimePairs` (uniform, 3/4 diagonal).
-    """
-
-    def __init__(
-        self,
-        path: AffinePath,
-        time_pairs: TimePairSampler | None = None,
-        learned_weight: bool = False,
-    ) -> None:
-        time_pairs = time_pairs or DiagonalSplitTimePairs(
-            0.75, t_min=path.schedule.t_min, t_max=path.schedule.t_max
-        )
-        super().__init__(path, time_pairs, learned_weight)
-
-    def forward(
-        self,
-        model: FlowMap,
-        batch: dict[str, Tensor],
-        step: int,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        point, pairs, kw = self._draw(batch, generator)
-        x1 = batch["x1"]
-        num_off = x1.shape[0] - pairs.num_diagonal
-        gamma = torch.rand(num_off, generator=generator, device=x1.device, dtype=x1.dtype)
-
-        def diagonal(rows: slice) -> Tensor:
-            return self._diagonal(model, point, pairs, kw, rows)
-
-        def split(rows: slice) -> Tensor:
-            x_s, s, t = point.x_t[rows], pairs.s[rows], pairs.t[rows]
-            return progressive_self_distillation_loss(model, x_s, s, t, gamma, _rows(kw, rows))
-
-        return self._weigh(_diagonal_then_off(pairs, diagonal, split), pairs)
 
 
 class ImprovedMeanFlowObjective(_FlowMapObjective):

@@ -149,7 +149,14 @@ def psd_midpoint(
 def psd_uniform(
     model: FlowMap, x_s: Tensor, s: Tensor, t: Tensor, kw: dict, generator: Any
 ) -> Tensor:
-    """Progressive self-distillation through ``gamma ~ U(0, 1)`` drawn from ``generator``."""
+    """Progressive self-distillation through ``gamma ~ U(0, 1)`` drawn from ``generator``.
+
+    This is also SplitMeanFlow (Guo et al. 2025, interval splitting consistency, Sec. 3 and
+    Alg. 1): its identity ``(t - r) u(z_t, r, t) = (s - r) u(z_s, r, s) + (t - s) u(z_t, s, t)``
+    at ``s = (1 - lambda) t + lambda r``, ``lambda ~ U[0, 1]``, ``z_s = z_t - (t - s) u(z_t, s,
+    t)``, read in flowmatch time (``u(z, r, t) = -v_{1-t,1-r}(z)``), is the split ``v_{s,t}(x_s)
+    = (1 - gamma) v_{s,u}(x_s) + gamma v_{u,t}(X_{s,u}(x_s))`` at ``gamma = 1 - lambda``, the
+    noisier sub-interval first, its target under ``sg`` as here."""
     gamma = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
     return progressive_self_distillation_loss(model, x_s, s, t, gamma, kw)
 
