@@ -34,9 +34,10 @@ def train_run(preset: str, folder: Path, steps: int, seed: int, extra: list[str]
 
 def quality(folder: Path, solver: str, steps: list[int] | None, n: int, seed: int) -> dict:
     """``{label: (value, noise)}`` per step count (``solver`` when ``steps`` is None): the energy
-    distance of 2-D samples to ``n`` fresh target draws, with the same distance between two
-    target samples as its noise (in this process: ``flowmatch eval`` also computes W2, slow at
-    4096), or the FD of images in the shipped LeNet features (``flowmatch eval``)."""
+    distance of 2-D samples to ``n`` fresh target draws (unbiased: it may be negative), with the
+    size of the same distance between two target samples as its noise (in this process:
+    ``flowmatch eval`` also computes W2, slow at 4096), or the FD of images in the shipped
+    LeNet features (``flowmatch eval``)."""
     name = read_config(folder).data.name
     if name not in TOY_DATASETS:  # images: flowmatch eval loads the run itself
         command = [*FLOWMATCH, "eval", str(folder), "--solver", solver, "--no-nll", "--json"]
@@ -52,7 +53,7 @@ def quality(folder: Path, solver: str, steps: list[int] | None, n: int, seed: in
     target = TOY_DATASETS[name]()
     generator = torch.Generator().manual_seed(10_000 + seed)
     reference, other = target.sample(n, generator), target.sample(n, generator)
-    noise = float(energy_distance(other, reference))
+    noise = abs(float(energy_distance(other, reference)))
     results = {}
     for count in steps or []:
         samples = generate(run, n, method=solver, steps=count, seed=seed).x

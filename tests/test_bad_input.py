@@ -31,6 +31,7 @@ BAD_VALUES = {
     "objective.warm_start": ["true", "maybe"],
     "objective.teacher_guidance": ["2"],
     "objective.teacher": ["/tmp"],
+    "objective.target_ema": ["0.99", "1", "-0.1", "nan"],  # 0.99: the preset's fm takes none
     "data": ["nowhere"],
     "data.conditional": ["true", "perhaps"],
     "data.val_fraction": ["1", "-0.1", "nan"],
@@ -74,6 +75,10 @@ UNET_OVERRIDES = [
     "data=mnist",  # needs data.path
     "data.path=/nonexistent/mnist",
 ]
+FLOW_MAP_OVERRIDES = [
+    "objective.target_ema=1",
+    "objective.target_ema=0.9 train.parallel=fsdp",  # the EMA copy is a whole network
+]
 TRAIN_ARGUMENTS = [
     [],  # neither --preset, --config nor --resume
     ["--preset", "nope"],
@@ -113,6 +118,14 @@ def test_bad_unet_value(override, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--preset", "digits", "--out", str(out), "--max-steps", "1", override]
     _one_line_error(capsys, argv)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides", FLOW_MAP_OVERRIDES)
+def test_bad_tvm_value(overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "gmm", "--out", str(out), "--max-steps", "2", *TINY]
+    _one_line_error(capsys, [*argv, "objective=tvm", *overrides.split()])
     assert not out.exists()
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -22,12 +23,13 @@ from flowmatch.losses.few_step import (
     shortcut_loss,
     terminal_velocity_loss,
 )
-from flowmatch.losses.flow_map_objectives import SelfDistillationObjective, psd_uniform
+from flowmatch.losses.flow_map_objectives import EMATarget, SelfDistillationObjective, psd_uniform
 from flowmatch.losses.flow_maps import progressive_self_distillation_loss
 from flowmatch.nets import MLP, FlowMapNet
 from flowmatch.oracles import GaussianOracle
 from flowmatch.paths import AffinePath, CondOTSchedule, CosineSchedule
 from flowmatch.paths.affine import PathSample
+from flowmatch.training import TrainConfig, train
 
 MEAN = torch.tensor([1.0, -2.0], dtype=torch.float64)
 COV = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
@@ -275,6 +277,84 @@ def test_terminal_velocity_keeps_the_jvp_gradient_and_stops_the_target(float64):
     target = frozen.velocity(net(x, s, t).detach(), t).detach()
     reference = _mse(d_t - target) + _mse(net.velocity(x_u, u) - velocity)
     _assert_same_gradients(net, terminal_velocity_loss(net, x, s, t, x_u, u, velocity), reference)
+
+
+def test_terminal_velocity_target_from_another_network_stops_its_gradient(float64):
+    net, other = _tiny_flow_map(), _tiny_flow_map(seed=1)
+    x, s, t, velocity = _points(GaussianOracle(MEAN, COV), n=16)
+    x_u, u = x.flip(0), s.flip(0)
+    d_t = _autograd_partial_s(lambda x_, t_, s_: net(x_, s_, t_), x, t, s)
+    target = other.velocity(net(x, s, t).detach(), t).detach()
+    reference = _mse(d_t - target) + _mse(net.velocity(x_u, u) - velocity)
+    loss = terminal_velocity_loss(net, x, s, t, x_u, u, velocity, target=other.velocity)
+    _assert_same_gradients(net, loss, reference)
+    assert all(p.grad is None for p in other.parameters())
+
+
+def test_an_ema_target_averages_once_per_step_and_restores_exactly():
+    model = _tiny_flow_map()
+    ema = EMATarget(0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, start[k]) for k, v in ema(model, 0).state_dict().items())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for _ in range(2):  # two micro-batches of step 1: one update
+        target = ema(model, 1)
+    assert not any(p.requires_grad for p in target.parameters()) and not target.training
+    for name, value in target.state_dict().items():
+        torch.testing.assert_close(value, start[name] + 0.1, rtol=0, atol=1e-6)
+    restored = EMATarget(0.9)
+    rest = restored.load({"other": torch.zeros(1), **ema.state("target.")}, "target.")
+    assert list(rest) == ["other"]
+    again = restored(model, 1)  # the same step: the restored weights, not updated again
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in again.state_dict().items())
+    with pytest.raises(ValueError, match="decay"):
+        EMATarget(1.0)
+
+
+def test_terminal_velocity_with_an_ema_target_at_decay_zero_is_the_current_parameters(float64):
+    net, x1 = _tiny_flow_map(), torch.randn(32, 2, generator=torch.Generator().manual_seed(4))
+    plain, ema = TerminalVelocityObjective(PATH), TerminalVelocityObjective(PATH, target_decay=0.0)
+    ema(net, {"x1": x1}, 0, torch.Generator().manual_seed(5))  # the copy of step 0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.1)  # an optimizer step: the copy of step 1 must follow it
+    loss = ema(net, {"x1": x1}, 1, torch.Generator().manual_seed(5))
+    reference = plain(net, {"x1": x1}, 1, torch.Generator().manual_seed(5))
+    _assert_same_gradients(net, loss, reference)
+    assert set(ema.state_dict()) == {"target.step"} | {f"target.{k}" for k in net.state_dict()}
+    assert plain.state_dict() == {}
+
+
+def test_a_tvm_run_with_an_ema_target_resumes_bit_identically(tmp_path):
+    cfg = TrainConfig(
+        steps=6, batch_size=16, micro_batch_size=8, lr=1e-2, log_every=2, checkpoint_every=3,
+        keep_checkpoints=None, device="cpu",
+    )  # fmt: skip
+
+    def run(folder, resume=False):
+        model = _tiny_flow_map()
+        objective = TerminalVelocityObjective(PATH, target_decay=0.5)
+        train(model, objective, _Gaussian(), cfg, folder, resume=resume)
+        return model, objective
+
+    full, full_objective = run(tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
+    (tmp_path / "crashed" / "checkpoints" / "ckpt-000006.safetensors").unlink()
+    resumed, resumed_objective = run(tmp_path / "crashed", resume=True)
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert full_objective.target.step == resumed_objective.target.step == 5
+    final = resumed_objective.target.network.state_dict()
+    assert all(
+        torch.equal(v, final[k]) for k, v in full_objective.target.network.state_dict().items()
+    )
+
+
+class _Gaussian:
+    def sample(self, n, generator):
+        return torch.randn(n, 2, generator=generator, device=generator.device)
 
 
 @pytest.mark.parametrize("tangent_scale", [0.1, None], ids=["normalised", "plain"])

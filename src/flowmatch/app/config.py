@@ -232,6 +232,8 @@ class ObjectiveConfig:
     # its Euler step); flowmatch distill turns it on
     time_derivative: Literal["jvp", "finite_difference"] = "jvp"  # flow maps: how d/dt of the
     # map is taken (finite_difference: for attention kernels without forward-mode derivatives)
+    target_ema: float | None = None  # tvm: EMA rate of the copy that gives the terminal
+    # target (the official code's 0.99); None: the current parameters
     adaptive_power: float = 0.0  # meanflow, imf, alpha-flow: power p of the weight
     # 1 / (|r|^2 + eps)^p. The papers' p = 1 makes the loss |r| and the diagonal regress the
     # conditional velocity's geometric median, not its mean (a biased velocity: docs/flow-maps.md)
@@ -246,6 +248,10 @@ class ObjectiveConfig:
         check_range("teacher_steps", self.teacher_steps, 1, 1 << 20, optional=True)
         check_range("reflow_pairs", self.reflow_pairs, 1, 1 << 27)
         check_range("adaptive_power", self.adaptive_power, 0.0, 4.0)
+        check_range("target_ema", self.target_ema, 0.0, 1.0, high_open=True, optional=True)
+        if self.target_ema is not None and not OBJECTIVES[self.name].target_ema:
+            takes = ", ".join(n for n, e in OBJECTIVES.items() if e.target_ema)
+            raise ConfigError(f"target_ema applies to objective={takes}, not to name={self.name}")
         guidance = self.teacher_guidance
         check_range("teacher_guidance", guidance, -math.inf, math.inf, optional=True)
         needs_teacher = OBJECTIVES[self.name].teacher
@@ -298,6 +304,11 @@ class RunConfig:
                 f"path.coupling={self.path.coupling} applies to objectives that pair noise with "
                 f"data themselves ({', '.join(n for n, e in OBJECTIVES.items() if e.uses_coupling)}"
                 f"), not to objective={self.objective.name}"
+            )
+        if self.objective.target_ema is not None and self.train.parallel == "fsdp":
+            raise ConfigError(
+                "objective.target_ema keeps a whole copy of the network on each process: use "
+                "train.parallel=ddp"
             )
         image = self.data.name in IMAGE_SETS
         if (self.model.kind == "unet") != image:

@@ -65,7 +65,8 @@ class ObjectiveEntry:
     pairs noise with data itself, so ``path.coupling`` applies. ``compare_with_teacher``:
     ``eval`` adds the teacher's Euler steps at the same NFE. ``time_scale``: the scale of the
     network's time embedding when ``model.time_scale`` is unset (None: 1 for a flow map, 1000
-    for a velocity; :func:`flowmatch.app.build.default_time_scale`).
+    for a velocity; :func:`flowmatch.app.build.default_time_scale`). ``target_ema``: its target
+    can come from an EMA copy of the network (``objective.target_ema``).
     """
 
     description: str
@@ -76,6 +77,7 @@ class ObjectiveEntry:
     uses_coupling: bool = False
     compare_with_teacher: bool = False
     time_scale: float | None = None
+    target_ema: bool = False
 
     @property
     def is_flow_map(self) -> bool:
@@ -248,11 +250,14 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         "flow map by Terminal Velocity Matching (arXiv 2511.19797)",
         "flow_map",
         lambda parts: TerminalVelocityObjective(
-            parts.path, time_derivative=parts.config.objective.time_derivative
+            parts.path,
+            time_derivative=parts.config.objective.time_derivative,
+            target_decay=parts.config.objective.target_ema,
         ),
         # its loss backpropagates through d_t X: at scale 1 it diverged on the checkerboard
         # (non-finite by 2000 steps), at 1000 it reaches energy 3.3e-3 in one jump
         time_scale=1000.0,
+        target_ema=True,
     ),
     "sct": ObjectiveEntry(
         "consistency model X_{s,1} by continuous-time consistency training (Lu & Song 2024)",

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowmatch.losses.flow_map_objectives import (
+    EMATarget,
     _diagonal_then_off,
     _FlowMapObjective,
     _frozen,
@@ -43,6 +44,7 @@ from flowmatch.losses.flow_maps import (
     adaptively_weighted,
     diagonal_flow_matching_loss,
     directional_derivative,
+    lagrangian_map_distillation_loss,
     lagrangian_self_distillation_loss,
     meanflow_loss,
 )
@@ -185,6 +187,7 @@ def terminal_velocity_loss(
     velocity: Tensor,
     model_kwargs: dict[str, Any] | None = None,
     method: TimeDerivative = "jvp",
+    target: VelocityField | None = None,
 ) -> Tensor:
     """Terminal Velocity Matching (Zhou, Parger, Haque, Song 2025, Sec. 3; official ``TVMWrapper``).
 
@@ -200,10 +203,16 @@ def terminal_velocity_loss(
     the official code with ``detach_jvp=False``), not through the target. ``x_u, u, velocity =
     I_u, u, dI_u/du``; returns ``|r_1|^2 + |r_2|^2``, each averaged over dimensions. At ``s = t``
     the first term vanishes with its gradient (the official code masks it, its target being an
-    EMA network). One JVP. ``r_2``, a separate regression at another time, draws its own dropout
-    masks.
+    EMA network). ``target``: the velocity of ``r_1``'s target, e.g. an EMA copy's (default: the
+    map's own ``v_{t,t}``). One JVP. ``r_2``, a separate regression at another time, draws its
+    own dropout masks.
     """
-    terminal = lagrangian_self_distillation_loss(flow_map, x_s, s, t, model_kwargs, method)
+    if target is None:
+        terminal = lagrangian_self_distillation_loss(flow_map, x_s, s, t, model_kwargs, method)
+    else:
+        terminal = lagrangian_map_distillation_loss(
+            flow_map, target, x_s, s, t, model_kwargs, method
+        )
     return terminal + diagonal_flow_matching_loss(flow_map, x_u, u, velocity, model_kwargs)
 
 
@@ -525,10 +534,12 @@ class TerminalVelocityObjective(_FlowMapObjective):
     Every sample carries both terms of :func:`terminal_velocity_loss`: the terminal velocity at a
     pair of ``time_pairs`` (default :class:`TerminalVelocityTimePairs`) and flow matching at ``u =
     sigmoid(mean + std z)`` on the same noise and data (the official ``s'``, drawn after the
-    pairs). The current parameters give the terminal target, under stop-gradient; the official
-    code takes it from an EMA copy (rate 0.99), and its guidance input and ``1 / w^2`` weights
-    need a backbone input this library's networks lack: both are left out. ``time_derivative``
-    computes ``d_t X``. No state.
+    pairs). The terminal target, under stop-gradient, is the velocity of an EMA copy of the
+    network with ``target_decay`` (the official code's 0.99; :class:`~flowmatch.losses.
+    flow_map_objectives.EMATarget`), or with ``target_decay=None`` that of the current
+    parameters. The official guidance input and ``1 / w^2`` weights need a backbone input this
+    library's networks lack: both are left out. ``time_derivative`` computes ``d_t X``. State:
+    the EMA copy's weights and step, under ``target.``.
     """
 
     def __init__(
@@ -538,12 +549,14 @@ class TerminalVelocityObjective(_FlowMapObjective):
         mean: float = 0.4,
         std: float = 1.0,
         time_derivative: TimeDerivative = "jvp",
+        target_decay: float | None = None,
     ) -> None:
         t_min, t_max = path.schedule.t_min, path.schedule.t_max
         time_pairs = time_pairs or TerminalVelocityTimePairs(mean, std, t_min=t_min, t_max=t_max)
         super().__init__(path, time_pairs, learned_weight=False)
         self.velocity_times = LogitNormalTimeSampler(mean, std, t_min, t_max)
         self.time_derivative = time_derivative
+        self.target = EMATarget(target_decay) if target_decay is not None else None
 
     def forward(
         self,
@@ -556,6 +569,11 @@ class TerminalVelocityObjective(_FlowMapObjective):
         x1 = batch["x1"]
         u = self.velocity_times(x1.shape[0], generator, x1.device, x1.dtype)
         anchor = self.path.sample(point.x0, point.x1, u)
+        target = None
+        if self.target is not None:
+            if not isinstance(model, nn.Module):
+                raise TypeError("an EMA target needs an nn.Module flow map")
+            target = self.target(model, step).velocity
         return terminal_velocity_loss(
             model,
             point.x_t,
@@ -566,7 +584,19 @@ class TerminalVelocityObjective(_FlowMapObjective):
             anchor.velocity,
             kw,
             self.time_derivative,
+            target,
         )
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        state = super().state_dict(*args, **kwargs)
+        return state if self.target is None else state | self.target.state("target.")
+
+    def load_state_dict(  # type: ignore[override]
+        self, state: dict[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        if self.target is not None:
+            state = self.target.load(state, "target.")
+        return super().load_state_dict(state, strict, assign)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -294,6 +294,62 @@ def _frozen(network: Callable[..., Tensor]) -> _Frozen:
     if isinstance(owner, nn.Module):
         owner.requires_grad_(False).eval()
     return _Frozen(network)
+
+
+_Network = TypeVar("_Network", bound=nn.Module)
+
+
+class EMATarget:
+    """A target network: a frozen copy of the model whose weights follow an exponential moving
+    average ``w <- decay w + (1 - decay) theta``, updated once per training step (the first call
+    of a step; micro-batches of one step share it). It starts as a copy of the model at its
+    first call. Its weights and step are objective state (:meth:`state`, :meth:`load`)."""
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.network: nn.Module | None = None
+        self.step = -1  # the last step whose parameters the average holds
+        self._restored: dict[str, Tensor] | None = None
+
+    def __call__(self, model: _Network, step: int) -> _Network:
+        """The target network of training step ``step``, ``model`` holding its parameters."""
+        if self.network is None:
+            network = copy.deepcopy(model).requires_grad_(False).eval()
+            if self._restored is not None:
+                network.load_state_dict(self._restored)
+                self._restored = None
+            else:
+                self.step = step
+            self.network = network
+        if step > self.step:
+            with torch.no_grad():
+                theirs = model.state_dict()
+                for name, ours in self.network.state_dict().items():
+                    if ours.is_floating_point():
+                        ours.lerp_(theirs[name], 1.0 - self.decay)
+                    else:
+                        ours.copy_(theirs[name])
+            self.step = step
+        return cast(_Network, self.network)
+
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        weights = self.network.state_dict() if self.network is not None else self._restored
+        if weights is None:
+            return {}
+        return {f"{prefix}step": torch.tensor(self.step)} | {
+            f"{prefix}{name}": value for name, value in weights.items()
+        }
+
+    def load(self, state: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """Take this target's entries out of ``state``; returns the rest."""
+        ours = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        self.network = None
+        if ours:
+            self.step = int(ours.pop("step"))
+            self._restored = ours
+        return {k: v for k, v in state.items() if not k.startswith(prefix)}
 
 
 class MapDistillationObjective(_FlowMapObjective):
