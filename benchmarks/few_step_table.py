@@ -12,6 +12,9 @@ For each workload (a preset) and seed, through the command line:
 - the distillations (``lmd``, ``emd``, ``pfmm``, ``scd``) from a flow-matching teacher trained
   half the steps, distilled the other half (the teacher's steps count).
 
+An objective may carry config overrides, ``NAME:KEY=VALUE,...`` (``tvm:objective.target_ema=0.99``);
+``--no-baselines`` leaves out the flow-matching rows.
+
 Quality is the energy distance (2-D, 4096 samples) or the Frechet distance in the shipped LeNet
 features (images, 1000 samples), next to the metric's noise. Results go to ``--out`` as JSON
 and are printed as a markdown table (median [min-max] over seeds).
@@ -37,6 +40,7 @@ from cli_runs import FLOWMATCH, quality, run_cli, train_run
 from flowmatch.app.objectives import OBJECTIVES
 
 JUMPS = (1, 2, 4, 8)
+IMAGE_PRESETS = ("digits", "mnist-small")
 # Minibatch OT at about the price of independent coupling (BENCHMARKS.md): sorted blocks of 128,
 # the next step's pairing prepared while the current step trains.
 OT = [
@@ -49,9 +53,11 @@ FLOW_MAPS = [n for n, e in OBJECTIVES.items() if e.is_flow_map and not e.teacher
 DISTILLED = [n for n, e in OBJECTIVES.items() if e.is_flow_map and e.teacher]
 
 
-def _distill(teacher: Path, folder: Path, objective: str, steps: int, seed: int) -> None:
-    command = [*FLOWMATCH, "distill", "--teacher", str(teacher), "--objective", objective]
-    run_cli([*command, "--out", str(folder), "--max-steps", str(steps), f"train.seed={seed}"])
+def _distill(teacher: Path, folder: Path, spec: str, steps: int, seed: int) -> None:
+    name, overrides = split_spec(spec)
+    command = [*FLOWMATCH, "distill", "--teacher", str(teacher), "--objective", name]
+    command += ["--out", str(folder), "--max-steps", str(steps), f"train.seed={seed}"]
+    run_cli([*command, *overrides[1:]])
 
 
 def _trained_quality(train: Callable[[], None], folder: Path, n: int, seed: int) -> dict:
@@ -75,42 +81,53 @@ def read_costs(path: Path) -> dict[str, float]:
     return costs
 
 
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """``"NAME:KEY=VALUE,..."`` -> ``(NAME, ["objective=NAME", "KEY=VALUE", ...])``."""
+    name, _, overrides = spec.partition(":")
+    return name, [f"objective={name}", *filter(None, overrides.split(","))]
+
+
 def measure(args: argparse.Namespace, preset: str, seed: int, root: Path) -> dict[str, dict]:
     """``{row name: {label: (value, noise)}}`` of one workload and seed."""
-    images = preset in ("digits", "mnist-small")
+    images = preset in IMAGE_PRESETS
     n = 1000 if images else 4096
     steps, out = args.steps, {}
     costs = read_costs(Path(args.costs)) if args.costs else {}
-    fm = root / f"{preset}-fm-{seed}"
-    train_run(preset, fm, steps, seed, [])
-    out["fm (Euler)"] = quality(fm, "euler", list(JUMPS), n, seed)
-    if images:
-        out["fm (Euler)"].update(quality(fm, "dopri5", None, n, seed))
-    if not images:
-        ot = root / f"{preset}-ot-{seed}"
-        train_run(preset, ot, steps, seed, ["path.coupling=exact-ot"])
-        out["fm exact-OT (Euler)"] = quality(ot, "euler", list(JUMPS), n, seed)
+    if not args.no_baselines:
+        fm = root / f"{preset}-fm-{seed}"
+        train_run(preset, fm, steps, seed, [])
+        out["fm (Euler)"] = quality(fm, "euler", list(JUMPS), n, seed)
+        if images:
+            out["fm (Euler)"].update(quality(fm, "dopri5", None, n, seed))
+        else:
+            ot = root / f"{preset}-ot-{seed}"
+            train_run(preset, ot, steps, seed, ["path.coupling=exact-ot"])
+            out["fm exact-OT (Euler)"] = quality(ot, "euler", list(JUMPS), n, seed)
     flow_map_preset = f"{preset}-flowmap" if not images else preset
-    for name in [o for o in args.objectives if o in FLOW_MAPS]:
+    for index, spec in enumerate(args.objectives):
+        name, overrides = split_spec(spec)
+        if name not in FLOW_MAPS:
+            continue
         lengths = {"equal steps": steps}
         if name in costs:
             lengths["equal time"] = max(1, round(steps / costs[name]))
         for kind, length in lengths.items():
-            folder = root / f"{preset}-{name}-{kind[6:]}-{seed}"
-            train = partial(train_run, flow_map_preset, folder, length, seed, [f"objective={name}"])
-            out[f"{name}, {kind} ({length})"] = _trained_quality(train, folder, n, seed)
-    for name in args.ot_objectives:
-        folder = root / f"{preset}-{name}-ot-{seed}"
-        train = partial(train_run, flow_map_preset, folder, steps, seed, [f"objective={name}", *OT])
-        out[f"{name} + sorted block OT 128, equal steps"] = _trained_quality(train, folder, n, seed)
-    distilled = [o for o in args.objectives if o in DISTILLED]
+            folder = root / f"{preset}-{index}-{name}-{kind[6:]}-{seed}"
+            train = partial(train_run, flow_map_preset, folder, length, seed, overrides)
+            out[f"{spec}, {kind} ({length})"] = _trained_quality(train, folder, n, seed)
+    for index, spec in enumerate(args.ot_objectives):
+        name, overrides = split_spec(spec)
+        folder = root / f"{preset}-{index}-{name}-ot-{seed}"
+        train = partial(train_run, flow_map_preset, folder, steps, seed, [*overrides, *OT])
+        out[f"{spec} + sorted block OT 128, equal steps"] = _trained_quality(train, folder, n, seed)
+    distilled = [o for o in args.objectives if split_spec(o)[0] in DISTILLED]
     if distilled:
         teacher = root / f"{preset}-teacher-{seed}"
         train_run(preset, teacher, steps // 2, seed, [])
-        for name in distilled:
-            folder = root / f"{preset}-{name}-{seed}"
-            row = f"{name}, teacher {steps // 2} + {steps - steps // 2}"
-            distill = partial(_distill, teacher, folder, name, steps - steps // 2, seed)
+        for index, spec in enumerate(distilled):
+            folder = root / f"{preset}-{index}-{split_spec(spec)[0]}-{seed}"
+            row = f"{spec}, teacher {steps // 2} + {steps - steps // 2}"
+            distill = partial(_distill, teacher, folder, spec, steps - steps // 2, seed)
             out[row] = _trained_quality(distill, folder, n, seed)
     return out
 
@@ -124,11 +141,11 @@ def _cell(values: list[float]) -> str:
 def report(results: dict[str, list[dict]]) -> str:
     lines = []
     for preset, runs in results.items():
-        images = "dopri5" in runs[0]["fm (Euler)"]
+        images = preset in IMAGE_PRESETS
         scale, unit = (1.0, "FD") if images else (1e3, "energy distance x 1e-3")
         labels = [*map(str, JUMPS), *(["dopri5"] if images else [])]
         noises = [
-            scale * cell[1] for run in runs for row in run.values() for cell in row.values()
+            abs(scale * cell[1]) for run in runs for row in run.values() for cell in row.values()
             if cell[1] is not None
         ]  # fmt: skip
         noise = f", metric noise ~{statistics.median(noises):.2f}" if noises else ""
@@ -156,9 +173,11 @@ def main() -> None:
     parser.add_argument("--costs", help="objective_cost.py's output, saved (equal wall-clock)")
     parser.add_argument("--out", type=Path, help="JSON results (a re-run adds its seeds)")
     parser.add_argument("--report-only", action="store_true", help="print --out's table")
+    parser.add_argument("--no-baselines", action="store_true", help="no flow-matching rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    unknown = sorted(set(args.objectives + args.ot_objectives) - set(FLOW_MAPS + DISTILLED))
+    names = [split_spec(spec)[0] for spec in args.objectives + args.ot_objectives]
+    unknown = sorted(set(names) - set(FLOW_MAPS + DISTILLED))
     if unknown:
         parser.error(f"not flow-map objectives: {', '.join(unknown)}")
     results: dict[str, list[dict]] = {}

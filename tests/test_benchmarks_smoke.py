@@ -181,6 +181,11 @@ def test_few_step_table_and_ot_quality_run_end_to_end(tmp_path):
                          "lsd, equal time (3)"}  # fmt: skip
     assert all(set(cells) == {"1", "2", "4", "8"} for cells in rows.values())
     assert "| lsd, equal time (3) |" in table
+    spec, out = "psd-mid:objective.diagonal_fraction=0.5", tmp_path / "spec.json"
+    args = ["--presets", "checkerboard", "--steps", "6", "--objectives", spec, "--no-baselines"]
+    _script("few_step_table.py", *args, "--out", str(out), tmp_path=tmp_path)
+    rows = json.loads(out.read_text())["checkerboard"][0]
+    assert set(rows) == {f"{spec}, equal steps (6)"}
     args = ["--steps", "6", "--seeds", "0", "--presets", "checkerboard", "--block-sizes", "64"]
     quality = _script("ot_quality.py", *args, "--variants", "sorted block 64", tmp_path=tmp_path)
     assert "sorted block 64:" in quality
