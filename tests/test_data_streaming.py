@@ -108,6 +108,22 @@ def test_a_streamed_folder_trains_the_weights_of_the_loaded_one(folder, tmp_path
     )
 
 
+def test_a_run_may_switch_to_streaming_on_resume_and_ends_at_the_same_bits(folder, tmp_path):
+    argv = ["train", "--preset", "digits", "data.name=folder", f"data.path={folder}"]
+    argv += ["train.steps=4", "train.checkpoint_every=2", "train.warmup_steps=1", *TINY_UNET]
+    assert main([*argv, "--out", str(tmp_path / "loaded")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "switched"), "--max-steps", "4"]) == 0
+    (tmp_path / "switched" / "checkpoints" / "ckpt-000004.safetensors").unlink()
+    assert main(["train", "--resume", str(tmp_path / "switched"), "data.stream=true"]) == 0
+    ends = [
+        safetensors.torch.load_file(tmp_path / run / "checkpoints" / "ckpt-000004.safetensors")
+        for run in ("loaded", "switched")
+    ]
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    config = json.loads((tmp_path / "switched" / "config.json").read_text())
+    assert config["data"]["stream"] is True  # the record follows the resumed run
+
+
 MEASURE = textwrap.dedent(
     """
     import json, os, sys

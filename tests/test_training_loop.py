@@ -263,6 +263,17 @@ def test_the_callers_context_is_saved_whole_and_checked_on_resume(tmp_path):
     train(*make_problem(), more_logs, tmp_path, resume=True, context=context)
     with pytest.raises(CheckpointError, match=r"model\.hidden: 16 there, 32 here"):
         train(*make_problem(), cfg, tmp_path, resume=True, context={"model": {"hidden": 32}})
+    # unless the caller names the key as one that leaves the stream of updates as it is
+    wider = {"model": {"hidden": 32}}
+    train(
+        *make_problem(),
+        cfg,
+        tmp_path,
+        resume=True,
+        context=wider,
+        resumable_context=["model.hidden"],
+    )
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == {"hidden": 32}
     with pytest.raises(ValueError, match="must not have a 'train' section"):
         train(*make_problem(), cfg, tmp_path / "other", context={"train": {}})
 

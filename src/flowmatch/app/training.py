@@ -41,7 +41,12 @@ from flowmatch.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
 )
-from flowmatch.training.config import ConfigError, config_to_dict, resolve_device
+from flowmatch.training.config import (
+    ConfigError,
+    config_to_dict,
+    may_change_on_resume,
+    resolve_device,
+)
 from flowmatch.training.distributed import world_size_from_env
 
 
@@ -100,6 +105,10 @@ def _with_steps(config: RunConfig, max_steps: int | None) -> RunConfig:
     return dataclasses.replace(config, train=train_cfg)
 
 
+# The keys of a run config a resumed run may change: they leave the stream of updates as it is.
+RESUMABLE = frozenset(may_change_on_resume(RunConfig))
+
+
 def settle_time_scale(config: RunConfig) -> RunConfig:
     """``config`` with ``model.time_scale`` a number, as config.json records it: unset, it is
     that of the run whose weights start this one (``model.init_from``, or the teacher for a
@@ -135,7 +144,7 @@ def check_resume(config: RunConfig, run_dir: Path, resume: bool) -> None:
     if last is None:
         return
     try:
-        load_checkpoint(last, config_to_dict(config), read_record)
+        load_checkpoint(last, config_to_dict(config), read_record, RESUMABLE)
     except CheckpointError as error:
         raise CheckpointError(
             f"--resume {run_dir}: {error} (start a new run, e.g. with model.init_from={run_dir})"
@@ -214,6 +223,7 @@ def run_training(config: RunConfig, run_dir: Path, resume: bool) -> str:
         validate=validate,
         context=context_of(config),
         read_record=read_record,
+        resumable_context=RESUMABLE,
     )
     if not main_process:
         return ""

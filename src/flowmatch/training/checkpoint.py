@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from flowmatch.training.config import MAX_STEPS, ConfigError, TrainConfig, may_c
 from flowmatch.training.files import RunFileError, atomic_write, read_bytes
 
 FORMAT = "flowmatch.checkpoint/1"
+RESUMABLE_KEYS = frozenset(may_change_on_resume(TrainConfig, prefix="train."))
 METADATA_KEY = "flowmatch"
 _NAME = re.compile(r"ckpt-(\d+)\.safetensors")
 
@@ -142,14 +143,16 @@ def load_checkpoint(
     path: str | Path,
     expected_config: dict[str, Any] | None = None,
     read_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    resumable: Collection[str] = RESUMABLE_KEYS,
 ) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; tensors are on the CPU.
 
     If ``expected_config`` is given, the checkpoint's config, read by ``read_record`` (e.g. a
     schema that gives keys added since their defaults, raising ``ConfigError`` for a record it
     cannot read; default: as stored), must agree with it under the resume rule
-    (:func:`resume_conflicts`). Raises ``CheckpointError`` if the file is unreadable, truncated,
-    corrupt, not a flowmatch checkpoint, or written with another config.
+    (:func:`resume_conflicts`, ``resumable`` the keys that may differ). Raises
+    ``CheckpointError`` if the file is unreadable, truncated, corrupt, not a flowmatch
+    checkpoint, or written with another config.
     """
     path = Path(path)
     try:
@@ -183,7 +186,7 @@ def load_checkpoint(
         except ConfigError as error:
             message = f"{path} holds a config this version cannot read: {error}"
             raise CheckpointError(message) from None
-        conflicts = resume_conflicts(stored, expected_config)
+        conflicts = resume_conflicts(stored, expected_config, resumable)
         if conflicts:
             raise CheckpointError(f"{path} was written with another config: {'; '.join(conflicts)}")
     return checkpoint
@@ -283,22 +286,23 @@ def _unflatten(state: dict[str, Any], tensors: dict[str, Tensor]) -> Checkpoint:
     )
 
 
-RESUMABLE_KEYS = frozenset(may_change_on_resume(TrainConfig, prefix="train."))
-
-
-def resume_conflicts(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def resume_conflicts(
+    stored: dict[str, Any], current: dict[str, Any], resumable: Collection[str] = RESUMABLE_KEYS
+) -> list[str]:
     """The resume rule: ``"key: stored there, current here"`` for each dotted key whose value
-    differs, except the ``train`` keys that do not alter the stream of updates
-    (``RESUMABLE_KEYS``: logging, checkpointing, validation, device, threads).
+    differs, except the keys in ``resumable``, which do not alter the stream of updates (by
+    default ``RESUMABLE_KEYS``, the ``train`` keys of logging, checkpointing, validation,
+    device and threads).
 
     Both configs are dicts of the form ``{"train": TrainConfig dict, **other sections}``; the
-    other sections (what the caller recorded about data, network and objective) must agree.
+    other sections (what the caller recorded about data, network and objective) must agree but
+    for the keys of theirs named in ``resumable``.
     """
     a, b = _flatten(stored), _flatten(current)
     return [
         f"{key}: {a.get(key, '<missing>')!r} there, {b.get(key, '<missing>')!r} here"
         for key in sorted(a.keys() | b.keys())
-        if key not in RESUMABLE_KEYS and a.get(key, ...) != b.get(key, ...)
+        if key not in resumable and a.get(key, ...) != b.get(key, ...)
     ]
 
 

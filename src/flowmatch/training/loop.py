@@ -23,7 +23,7 @@ import hashlib
 import math
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flowmatch.training import distributed, fsdp
 from flowmatch.training.checkpoint import (
+    RESUMABLE_KEYS,
     Checkpoint,
     CheckpointError,
     check_optimizer_state,
@@ -158,6 +159,7 @@ def train(
     validate: Callable[[nn.Module], float] | None = None,
     context: dict[str, Any] | None = None,
     read_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    resumable_context: Collection[str] = (),
 ) -> TrainResult:
     """Train ``model`` on ``objective`` with data from ``source``; write the run to ``run_dir``.
 
@@ -167,7 +169,8 @@ def train(
     network, objective): config.json and every checkpoint hold ``{"train": config, **context}``,
     and a resumed run must agree with it (:func:`~flowmatch.training.checkpoint.resume_conflicts`),
     the stored record read by ``read_record`` (your schema, to give keys added since their
-    defaults; default: as stored).
+    defaults; default: as stored); the dotted keys of ``context`` in ``resumable_context`` (e.g.
+    ``"data.workers"``) may change on resume, as ``RESUMABLE_KEYS`` of ``config`` may.
     Launch under torchrun for several processes, each given the same arguments. With
     ``config.parallel == "fsdp"`` and several processes, ``model`` is sharded in place (its
     parameters become ``DTensor`` shards): read the trained weights from the run folder.
@@ -177,10 +180,13 @@ def train(
     if context is not None and "train" in context:
         raise ValueError("context must not have a 'train' section: that is the TrainConfig")
     record = {"train": config_to_dict(config), **(context or {})}
+    resumable = RESUMABLE_KEYS | frozenset(resumable_context)
     micro_size = config.micro_size(distributed.world_size_from_env())
     ctx = distributed.setup(config.device)
     try:
-        state = _start(model, objective, config, record, RunDir(run_dir), ctx, resume, read_record)
+        state = _start(
+            model, objective, config, record, RunDir(run_dir), ctx, resume, read_record, resumable
+        )
         return _loop(state, source, config, record, RunDir(run_dir), ctx, micro_size, validate)
     finally:
         distributed.teardown(ctx)
@@ -195,6 +201,7 @@ def _start(
     ctx: distributed.DistContext,
     resume: bool,
     read_record: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    resumable: frozenset[str],
 ) -> _State:
     """Set-up and resume: the model on its device, optimizer, DDP, EMA; every process reads the
     last checkpoint, rank 0 alone prepares the run folder."""
@@ -244,7 +251,7 @@ def _start(
         last_checkpoint=checkpoint_to_resume(run.root, resume),
     )
     if state.last_checkpoint is not None:
-        checkpoint = load_checkpoint(state.last_checkpoint, record, read_record)
+        checkpoint = load_checkpoint(state.last_checkpoint, record, read_record, resumable)
         _restore(checkpoint, state, cfg, ctx, state.last_checkpoint)
     if ctx.is_main:
         run.create()
