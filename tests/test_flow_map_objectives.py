@@ -12,6 +12,7 @@ from flowmatch.losses import (
     MeanFlowObjective,
     ProgressiveMapDistillationObjective,
     SelfDistillationObjective,
+    TerminalVelocityObjective,
     esd,
     eulerian_map_distillation_loss,
     lagrangian_map_distillation_loss,
@@ -128,6 +129,7 @@ OBJECTIVES = {
     "lmd": lambda: MapDistillationObjective(PATH, _teacher(), learned_weight=True),
     "emd": lambda: MapDistillationObjective(PATH, _teacher(), eulerian_map_distillation_loss),
     "pfmm": lambda: ProgressiveMapDistillationObjective(PATH, _teacher(), phase_steps=2),
+    "tvm-ema-target": lambda: TerminalVelocityObjective(PATH, target_decay=0.5),
 }
 
 
@@ -165,6 +167,8 @@ def test_state_dict_round_trip_resumes_exactly(name):
     optimizer.load_state_dict(optimizer_state)
     resumed = _train(model, objective, optimizer, range(3, 7), x1)
     assert torch.equal(resumed, expected)
+    if name == "tvm-ema-target":  # the copy was restored, not remade from the model
+        assert "target.backbone.input.weight" in load(objective_state)
     if name == "pfmm":  # steps 3..6 cross phases 1 -> 2 -> 3: the copy and tau were restored
         assert objective.phase == 3 and "teacher_map.backbone.input.weight" in load(objective_state)
 
