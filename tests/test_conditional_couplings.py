@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from flowmatch.app.objectives import OBJECTIVES
 from flowmatch.couplings import ExactOTCoupling, IndependentCoupling, SinkhornCoupling
 from flowmatch.losses.flow_matching import FlowMatchingObjective
 from flowmatch.paths import AffinePath, CondOTSchedule
@@ -128,13 +129,25 @@ def test_flow_matching_objective_passes_the_labels_to_the_coupling():
     assert seen["condition"] is None
 
 
-@pytest.mark.parametrize("objective", ["lsd", "meanflow", "shortcut"])
+FLOW_MAP_OBJECTIVES = [name for name, entry in OBJECTIVES.items() if entry.is_flow_map]
+
+
+@pytest.mark.parametrize("objective", FLOW_MAP_OBJECTIVES)
 def test_flow_map_objectives_take_the_run_coupling(objective):
     from flowmatch.app.build import build_objective
     from flowmatch.app.config import RunConfig, with_overrides
 
-    config = with_overrides(RunConfig(), [f"objective={objective}", "path.coupling=exact-ot"])
-    built = build_objective(config)
+    distils = OBJECTIVES[objective].teacher
+    teacher = ["objective.teacher=RUN"] if distils else []
+
+    def velocity(x, t, **kw):
+        return torch.zeros_like(x)
+
+    def build(overrides):
+        config = with_overrides(RunConfig(), [f"objective={objective}", *teacher, *overrides])
+        return build_objective(config, velocity if distils else None)
+
+    built = build(["path.coupling=exact-ot"])
     assert isinstance(built.coupling, ExactOTCoupling) and built.condition_aware
     seen = []
 
@@ -153,5 +166,4 @@ def test_flow_map_objectives_take_the_run_coupling(objective):
     built.coupling, built.condition_aware = spy, False
     built._draw({"x1": x1, "y": y}, torch.Generator().manual_seed(0))
     assert seen[-1] is None
-    independent = build_objective(with_overrides(RunConfig(), [f"objective={objective}"]))
-    assert isinstance(independent.coupling, IndependentCoupling)
+    assert isinstance(build([]).coupling, IndependentCoupling)

@@ -168,7 +168,7 @@ def _coupled(build: Callable[[Parts], Any]) -> Callable[[Parts], Any]:
     return with_coupling
 
 
-_DISTILLED = {"teacher": True, "compare_with_teacher": True}
+_DISTILLED = {"teacher": True, "compare_with_teacher": True, "uses_coupling": True}
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "fm": ObjectiveEntry(
@@ -249,11 +249,14 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "tvm": ObjectiveEntry(
         "flow map by Terminal Velocity Matching (arXiv 2511.19797)",
         "flow_map",
-        lambda parts: TerminalVelocityObjective(
-            parts.path,
-            time_derivative=parts.config.objective.time_derivative,
-            target_decay=parts.config.objective.target_ema,
+        _coupled(
+            lambda parts: TerminalVelocityObjective(
+                parts.path,
+                time_derivative=parts.config.objective.time_derivative,
+                target_decay=parts.config.objective.target_ema,
+            )
         ),
+        uses_coupling=True,
         # its loss backpropagates through d_t X: at scale 1 it diverged on the checkerboard
         # (non-finite by 2000 steps), at 1000 it reaches energy 3.3e-3 in one jump
         time_scale=1000.0,
@@ -262,30 +265,31 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "sct": ObjectiveEntry(
         "consistency model X_{s,1} by continuous-time consistency training (Lu & Song 2024)",
         "flow_map",
-        lambda parts: _consistency(parts, teacher=None),
+        _coupled(lambda parts: _consistency(parts, teacher=None)),
+        uses_coupling=True,
     ),
     "lmd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Lagrangian (Boffi et al. 2024)",
         "flow_map",
-        _map_distillation(lagrangian_map_distillation_loss),
+        _coupled(_map_distillation(lagrangian_map_distillation_loss)),
         **_DISTILLED,
     ),
     "emd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Eulerian (Boffi et al. 2024)",
         "flow_map",
-        _map_distillation(eulerian_map_distillation_loss),
+        _coupled(_map_distillation(eulerian_map_distillation_loss)),
         **_DISTILLED,
     ),
     "pfmm": ObjectiveEntry(
         "flow map distilled progressively from a teacher (Boffi et al. 2024)",
         "flow_map",
-        _progressive,
+        _coupled(_progressive),
         **_DISTILLED,
     ),
     "scd": ObjectiveEntry(
         "consistency model X_{s,1} distilled from a teacher velocity (Lu & Song 2024)",
         "flow_map",
-        lambda parts: _consistency(parts, teacher=parts.teacher),
+        _coupled(lambda parts: _consistency(parts, teacher=parts.teacher)),
         **_DISTILLED,
     ),
     "reflow": ObjectiveEntry(
