@@ -157,7 +157,10 @@ def report(results: dict[str, list[dict]]) -> str:
             cells = []
             for label in labels:
                 values = [scale * m[label][0] for m in measured if label in m]
-                cells.append(_cell(values) if values else "failed")
+                if values:
+                    cells.append(_cell(values))
+                else:  # a run that diverged has no cell; dopri5 applies to velocities alone
+                    cells.append("failed" if {} in measured else "-")
             seeds = f" ({len(measured)} seeds)" if len(measured) != len(runs) else ""
             lines.append(f"| {row}{seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
