@@ -78,6 +78,7 @@ UNET_OVERRIDES = [
 FLOW_MAP_OVERRIDES = [
     "objective.target_ema=1",
     "objective.target_ema=0.9 train.parallel=fsdp",  # the EMA copy is a whole network
+    "train.parallel=fsdp",  # tvm's default rate, 0.99
 ]
 TRAIN_ARGUMENTS = [
     [],  # neither --preset, --config nor --resume

@@ -1,4 +1,4 @@
-"""The time embedding's scale of each kind of run, and MeanFlow's adaptive weight.
+"""The time embedding's scale of each kind of run, TVM's target rate, MeanFlow's adaptive weight.
 
 Flow maps default to ``model.time_scale=1`` and the MeanFlow family to an unweighted loss
 (``objective.adaptive_power=0``): docs/flow-maps.md has the measurements behind both.
@@ -13,6 +13,7 @@ import torch
 from flowmatch.app.runs import load_run, read_config
 from flowmatch.cli.main import main
 from flowmatch.losses.flow_maps import adaptively_weighted
+from flowmatch.training import latest_checkpoint, load_checkpoint
 
 TINY = ["model.hidden=16", "model.depth=2", "train.batch_size=32", "train.log_every=5"]
 
@@ -51,6 +52,26 @@ def test_a_run_written_before_the_key_reads_as_scale_1000(tmp_path):
     del record["model"]["time_scale"]
     config_file.write_text(json.dumps(record))
     assert read_config(tmp_path / "map").model.time_scale == 1000.0
+
+
+def test_tvm_runs_record_their_target_rate_and_earlier_ones_read_as_the_current_parameters(
+    tmp_path,
+):
+    _train(tmp_path / "ema", "objective=tvm")
+    _train(tmp_path / "plain", "objective=tvm", "objective.target_ema=0")
+    for name, rate in (("ema", 0.99), ("plain", 0.0)):
+        assert (
+            json.loads((tmp_path / name / "config.json").read_text())["objective"]["target_ema"]
+            == rate
+        )
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ema")).objective
+    assert "target.step" in state  # the EMA copy is objective state
+    assert "target.step" not in load_checkpoint(latest_checkpoint(tmp_path / "plain")).objective
+    config_file = tmp_path / "plain" / "config.json"
+    record = json.loads(config_file.read_text())
+    del record["objective"]["target_ema"]  # written before the key: TVM used its parameters
+    config_file.write_text(json.dumps(record))
+    assert read_config(tmp_path / "plain").objective.target_ema == 0.0
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -233,7 +233,7 @@ class ObjectiveConfig:
     time_derivative: Literal["jvp", "finite_difference"] = "jvp"  # flow maps: how d/dt of the
     # map is taken (finite_difference: for attention kernels without forward-mode derivatives)
     target_ema: float | None = None  # tvm: EMA rate of the copy that gives the terminal
-    # target (the official code's 0.99); None: the current parameters
+    # target; unset: the objective's (tvm: 0.99, the official code's); 0: the current parameters
     adaptive_power: float = 0.0  # meanflow, imf, alpha-flow: power p of the weight
     # 1 / (|r|^2 + eps)^p. The papers' p = 1 makes the loss |r| and the diagonal regress the
     # conditional velocity's geometric median, not its mean (a biased velocity: docs/flow-maps.md)
@@ -249,8 +249,8 @@ class ObjectiveConfig:
         check_range("reflow_pairs", self.reflow_pairs, 1, 1 << 27)
         check_range("adaptive_power", self.adaptive_power, 0.0, 4.0)
         check_range("target_ema", self.target_ema, 0.0, 1.0, high_open=True, optional=True)
-        if self.target_ema is not None and not OBJECTIVES[self.name].target_ema:
-            takes = ", ".join(n for n, e in OBJECTIVES.items() if e.target_ema)
+        if self.target_ema is not None and OBJECTIVES[self.name].target_ema is None:
+            takes = ", ".join(n for n, e in OBJECTIVES.items() if e.target_ema is not None)
             raise ConfigError(f"target_ema applies to objective={takes}, not to name={self.name}")
         guidance = self.teacher_guidance
         check_range("teacher_guidance", guidance, -math.inf, math.inf, optional=True)
@@ -305,10 +305,11 @@ class RunConfig:
                 f"data themselves ({', '.join(n for n, e in OBJECTIVES.items() if e.uses_coupling)}"
                 f"), not to objective={self.objective.name}"
             )
-        if self.objective.target_ema is not None and self.train.parallel == "fsdp":
+        if self.objective.target_ema and self.train.parallel == "fsdp":
             raise ConfigError(
-                "objective.target_ema keeps a whole copy of the network on each process: use "
-                "train.parallel=ddp"
+                f"objective.target_ema={self.objective.target_ema} keeps a whole copy of the "
+                "network on each process: use train.parallel=ddp, or objective.target_ema=0 "
+                "(the current parameters as the target)"
             )
         image = self.data.name in IMAGE_SETS
         if (self.model.kind == "unet") != image:

@@ -91,21 +91,27 @@ def read_config(run_dir: str | Path) -> RunConfig:
         config = read_config_file(folder.config, root=folder.root)
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
-    return _settled_time_scale(config)
+    return _as_before_the_keys(config)
 
 
-def _settled_time_scale(config: RunConfig) -> RunConfig:
-    if config.model.time_scale is not None:
-        return config
-    # a run from before the key: every network used 1000
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, time_scale=1000.0))
+def _as_before_the_keys(config: RunConfig) -> RunConfig:
+    """A run recorded before ``model.time_scale`` and ``objective.target_ema``: every network
+    used the scale 1000, and TVM its current parameters as the target (rate 0)."""
+    if config.model.time_scale is None:
+        model = dataclasses.replace(config.model, time_scale=1000.0)
+        config = dataclasses.replace(config, model=model)
+    has_target = OBJECTIVES[config.objective.name].target_ema is not None
+    if config.objective.target_ema is None and has_target:
+        objective = dataclasses.replace(config.objective, target_ema=0.0)
+        config = dataclasses.replace(config, objective=objective)
+    return config
 
 
 def read_record(stored: dict[str, Any]) -> dict[str, Any]:
     """A run's stored record (a checkpoint's config) as this version reads it: through the
     schema, so a key added since takes its default (``model.time_scale`` the 1000 of every run
-    before it). ``ConfigError`` if this version cannot read it."""
-    return config_to_dict(_settled_time_scale(config_from_dict(RunConfig, stored)))
+    before it, ``objective.target_ema`` 0). ``ConfigError`` if this version cannot read it."""
+    return config_to_dict(_as_before_the_keys(config_from_dict(RunConfig, stored)))
 
 
 def read_spec(folder: RunFolder) -> DataSpec:

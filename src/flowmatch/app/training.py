@@ -126,6 +126,16 @@ def settle_time_scale(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, time_scale=scale))
 
 
+def settle_target_ema(config: RunConfig) -> RunConfig:
+    """``config`` with ``objective.target_ema`` a number for an objective that has an EMA target
+    (unset: the registry entry's rate), as config.json records it."""
+    default = OBJECTIVES[config.objective.name].target_ema
+    if default is None or config.objective.target_ema is not None:
+        return config
+    objective = dataclasses.replace(config.objective, target_ema=default)
+    return dataclasses.replace(config, objective=objective)
+
+
 def context_of(config: RunConfig) -> dict[str, Any]:
     """What the loop records beside its TrainConfig: every other section of the run config."""
     return {k: v for k, v in config_to_dict(config).items() if k != "train"}
@@ -186,7 +196,7 @@ def plot_losses(folder: RunFolder) -> None:
 def run_training(config: RunConfig, run_dir: Path, resume: bool) -> str:
     """Build everything the config names and train it (any number of processes); returns the
     summary line. Every check runs before the run folder is touched."""
-    config = settle_time_scale(config)
+    config = settle_target_ema(settle_time_scale(config))
     check_resume(config, run_dir, resume)
     device = resolve_device(config.train.device)
     fresh = latest_checkpoint(run_dir) is None
