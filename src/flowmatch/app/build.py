@@ -289,4 +289,8 @@ def build_objective(config: RunConfig, teacher: Callable[..., Tensor] | None = N
     parts = Parts(
         config, build_path(config), build_coupling(config), build_time_sampler(config), teacher
     )
-    return entry.build(parts)
+    objective = entry.build(parts)
+    if entry.is_flow_map:  # it pairs its own noise with the data, condition-aware as configured
+        objective.coupling = parts.coupling
+        objective.condition_aware = config.path.condition_aware
+    return objective

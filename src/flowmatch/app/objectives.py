@@ -61,24 +61,27 @@ class ObjectiveEntry:
     ``network``: what the objective trains; a ``flow_map`` run samples with its map (``jumps``)
     and evaluates quality against the number of jumps. ``teacher``: it distils a trained
     velocity run (``flowmatch distill --teacher RUN``); ``trains_on_teacher_pairs``: its data
-    are the teacher's (noise, sample) pairs instead of the run's data. ``uses_coupling``: it
-    pairs noise with data itself, so ``path.coupling`` applies. ``compare_with_teacher``:
-    ``eval`` adds the teacher's Euler steps at the same NFE. ``time_scale``: the scale of the
-    network's time embedding when ``model.time_scale`` is unset (None: 1 for a flow map, 1000
-    for a velocity; :func:`flowmatch.app.build.default_time_scale`). ``target_ema``: the default
-    EMA rate of the copy of the network that gives its target (``objective.target_ema``
-    unset; None: it has no such copy).
-    """
+    are the teacher's (noise, sample) pairs instead of the run's data; every other objective
+    pairs noise with data itself, so ``path.coupling`` applies (``uses_coupling``).
+    ``compare_with_teacher``: ``eval`` adds the teacher's Euler steps at the same NFE.
+    ``time_scale``: the scale of the network's time embedding when ``model.time_scale`` is
+    unset (None: 1 for a flow map, 1000 for a velocity;
+    :func:`flowmatch.app.build.default_time_scale`). ``target_ema``: the default EMA rate of the
+    copy of the network that gives its target (``objective.target_ema`` unset; None: it has no
+    such copy)."""
 
     description: str
     network: Literal["velocity", "flow_map"]
     build: Callable[[Parts], Any]
     teacher: bool = False
     trains_on_teacher_pairs: bool = False
-    uses_coupling: bool = False
     compare_with_teacher: bool = False
     time_scale: float | None = None
     target_ema: float | None = None
+
+    @property
+    def uses_coupling(self) -> bool:
+        return not self.trains_on_teacher_pairs
 
     @property
     def is_flow_map(self) -> bool:
@@ -156,19 +159,6 @@ def _reflow(parts: Parts) -> ReflowObjective:
     return ReflowObjective(parts.path, mode=mode, time_sampler=parts.time_sampler)
 
 
-def _coupled(build: Callable[[Parts], Any]) -> Callable[[Parts], Any]:
-    """``build`` with the run's coupling set on the flow-map objective it returns (it pairs its
-    own noise with the data, condition-aware as ``path.condition_aware`` says)."""
-
-    def with_coupling(parts: Parts) -> Any:
-        objective = build(parts)
-        objective.coupling = parts.coupling
-        objective.condition_aware = parts.config.path.condition_aware
-        return objective
-
-    return with_coupling
-
-
 # TVM's target copy: the official code's rate. One jump 1.05e-3 on the eight Gaussians against
 # 3.90e-3 with the current parameters as the target (0.20 against 0.37 on the checkerboard).
 TVM_TARGET_EMA = 0.99
@@ -181,95 +171,76 @@ def _target_decay(rate: float | None, default: float) -> float | None:
     return rate or None
 
 
-_DISTILLED = {"teacher": True, "compare_with_teacher": True, "uses_coupling": True}
+_DISTILLED = {"teacher": True, "compare_with_teacher": True}
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "fm": ObjectiveEntry(
         "conditional flow matching of a velocity (Lipman et al. 2022)",
         "velocity",
         _flow_matching,
-        uses_coupling=True,
     ),
     "lsd": ObjectiveEntry(
         "flow map by Lagrangian self-distillation (Boffi et al. 2025)",
         "flow_map",
-        _coupled(_self_distillation(lsd)),
-        uses_coupling=True,
+        _self_distillation(lsd),
     ),
     "esd": ObjectiveEntry(
         "flow map by Eulerian self-distillation (Boffi et al. 2025)",
         "flow_map",
-        _coupled(_self_distillation(esd)),
-        uses_coupling=True,
+        _self_distillation(esd),
     ),
     "psd-mid": ObjectiveEntry(
         "flow map by progressive self-distillation through the midpoint (Boffi et al. 2025)",
         "flow_map",
-        _coupled(_self_distillation(psd_midpoint, takes_derivative=False)),
-        uses_coupling=True,
+        _self_distillation(psd_midpoint, takes_derivative=False),
     ),
     "psd-uniform": ObjectiveEntry(
         "flow map by progressive self-distillation through uniform points (Boffi et al. 2025)",
         "flow_map",
-        _coupled(_self_distillation(psd_uniform, takes_derivative=False)),
-        uses_coupling=True,
+        _self_distillation(psd_uniform, takes_derivative=False),
     ),
     "meanflow": ObjectiveEntry(
         "flow map by MeanFlow (Geng et al. 2025)",
         "flow_map",
-        _coupled(
-            lambda parts: MeanFlowObjective(
-                parts.path,
-                power=_power(parts),
-                time_derivative=parts.config.objective.time_derivative,
-            )
+        lambda parts: MeanFlowObjective(
+            parts.path,
+            power=_power(parts),
+            time_derivative=parts.config.objective.time_derivative,
         ),
-        uses_coupling=True,
     ),
     "imf": ObjectiveEntry(
         "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",
         "flow_map",
-        _coupled(lambda parts: ImprovedMeanFlowObjective(parts.path, power=_power(parts))),
-        uses_coupling=True,
+        lambda parts: ImprovedMeanFlowObjective(parts.path, power=_power(parts)),
     ),
     "alpha-flow": ObjectiveEntry(
         "flow map by alpha-Flow's curriculum from flow matching to MeanFlow (arXiv 2510.20771)",
         "flow_map",
-        _coupled(
-            lambda parts: AlphaFlowObjective(
-                parts.path, end_step=parts.config.train.steps, power=_power(parts)
-            )
+        lambda parts: AlphaFlowObjective(
+            parts.path, end_step=parts.config.train.steps, power=_power(parts)
         ),
-        uses_coupling=True,
     ),
     "shortcut": ObjectiveEntry(
         "flow map by shortcut models' self-consistency, no JVP (Frans et al. 2024)",
         "flow_map",
-        _coupled(
-            lambda parts: ShortcutObjective(
-                parts.path, learned_weight=parts.config.objective.learned_weight
-            )
+        lambda parts: ShortcutObjective(
+            parts.path, learned_weight=parts.config.objective.learned_weight
         ),
-        uses_coupling=True,
     ),
     "split-meanflow": ObjectiveEntry(
         "flow map by SplitMeanFlow's interval splitting, no JVP (arXiv 2507.16884): the loss "
         "of psd-uniform",
         "flow_map",
-        _coupled(_self_distillation(psd_uniform, takes_derivative=False)),
-        uses_coupling=True,
+        _self_distillation(psd_uniform, takes_derivative=False),
     ),
     "tvm": ObjectiveEntry(
         "flow map by Terminal Velocity Matching (arXiv 2511.19797)",
         "flow_map",
-        _coupled(
-            lambda parts: TerminalVelocityObjective(
-                parts.path,
-                time_derivative=parts.config.objective.time_derivative,
-                target_decay=_target_decay(parts.config.objective.target_ema, TVM_TARGET_EMA),
-            )
+        lambda parts: TerminalVelocityObjective(
+            parts.path,
+            time_derivative=parts.config.objective.time_derivative,
+            target_decay=_target_decay(parts.config.objective.target_ema, TVM_TARGET_EMA),
         ),
-        uses_coupling=True,
         # its loss backpropagates through d_t X: at scale 1 it diverged on the checkerboard
         # (non-finite by 2000 steps), at 1000 it reaches energy 3.3e-3 in one jump
         time_scale=1000.0,
@@ -278,31 +249,30 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "sct": ObjectiveEntry(
         "consistency model X_{s,1} by continuous-time consistency training (Lu & Song 2024)",
         "flow_map",
-        _coupled(lambda parts: _consistency(parts, teacher=None)),
-        uses_coupling=True,
+        lambda parts: _consistency(parts, teacher=None),
     ),
     "lmd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Lagrangian (Boffi et al. 2024)",
         "flow_map",
-        _coupled(_map_distillation(lagrangian_map_distillation_loss)),
+        _map_distillation(lagrangian_map_distillation_loss),
         **_DISTILLED,
     ),
     "emd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Eulerian (Boffi et al. 2024)",
         "flow_map",
-        _coupled(_map_distillation(eulerian_map_distillation_loss)),
+        _map_distillation(eulerian_map_distillation_loss),
         **_DISTILLED,
     ),
     "pfmm": ObjectiveEntry(
         "flow map distilled progressively from a teacher (Boffi et al. 2024)",
         "flow_map",
-        _coupled(_progressive),
+        _progressive,
         **_DISTILLED,
     ),
     "scd": ObjectiveEntry(
         "consistency model X_{s,1} distilled from a teacher velocity (Lu & Song 2024)",
         "flow_map",
-        _coupled(lambda parts: _consistency(parts, teacher=parts.teacher)),
+        lambda parts: _consistency(parts, teacher=parts.teacher),
         **_DISTILLED,
     ),
     "reflow": ObjectiveEntry(
