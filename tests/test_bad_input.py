@@ -78,6 +78,7 @@ UNET_OVERRIDES = [
 FLOW_MAP_OVERRIDES = [
     "objective.target_ema=1",
     "objective.target_ema=0.9 train.parallel=fsdp",  # the EMA copy is a whole network
+    "objective.time_derivative=finite_difference train.precision=bf16",  # below bf16's resolution
     "train.parallel=fsdp",  # tvm's default rate, 0.99
 ]
 TRAIN_ARGUMENTS = [

@@ -191,6 +191,32 @@ def _param_grads(net, loss):
     )
 
 
+def test_finite_difference_losses_keep_the_stop_gradients(float64):
+    # The same references as the JVP's: a target that leaked its graph (EMD's transport term
+    # computed with one) changes the gradient by O(1), far outside the central difference's
+    # O(h^2) at the default h = 1e-3 (~1e-5 relative on this net).
+    net = _tiny_flow_map()
+    frozen = copy.deepcopy(net).requires_grad_(False)
+    teacher = RecordingTeacher()
+    oracle = GaussianOracle(MEAN, COV)
+    x, s, t, vel, g = _points(oracle, n=16)
+    gamma = torch.rand(s.shape, generator=g)
+    fd = {"method": "finite_difference"}
+    losses = {
+        "lmd": lagrangian_map_distillation_loss(net, teacher, x, s, t, **fd),
+        "lsd": lagrangian_self_distillation_loss(net, x, s, t, **fd),
+        "emd": eulerian_map_distillation_loss(net, teacher, x, s, t, **fd),
+        "esd": eulerian_self_distillation_loss(net, x, s, t, **fd),
+        "meanflow": meanflow_loss(net, x, s, t, vel, **fd),
+    }
+    refs = _reference_losses(net, frozen, teacher, _tiny_flow_map(seed=1), x, s, t, vel, gamma)
+    for name, loss in losses.items():
+        grads, ref_grads = _param_grads(net, loss), _param_grads(net, refs[name])
+        pairs = [(loss, refs[name]), *zip(grads, ref_grads, strict=True)]
+        for value, reference in pairs:  # measured <= 2.1e-5 relative
+            assert (value - reference).norm() <= 1e-4 * reference.norm(), name
+
+
 def _reference_losses(net, frozen, teacher, teacher_map, x, s, t, vel, gamma):
     """Each semigradient loss rebuilt independently: the targets come from a frozen copy of the
     student (or the teacher), are detached explicitly, and derivatives use reverse mode."""
@@ -342,6 +368,30 @@ def test_finite_differences_and_graph_free_tangents_match_the_jvp(float64):
         assert free.value.requires_grad and not free.derivative.requires_grad
         reference = directional_derivative(net.slope, x, s, t, **tangent)
         torch.testing.assert_close(free.derivative, reference.derivative.detach())
+
+
+def test_a_value_without_graph_is_the_two_differences_midpoint(float64):
+    # value_graph=False: the finite difference calls the network twice, not three times, and
+    # reads the value off the midpoint, O(h^2) from f(p) (~1e-8 relative at h = 1e-4; the value
+    # of one shifted call alone errs by O(h) ~ 1e-4). The JVP returns its own value, detached.
+    net = _tiny_flow_map()
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return net(*args)
+
+    x, s, t, b = _times(5)
+    for tangent in ({"dt": torch.ones_like(t)}, {"ds": torch.ones_like(s), "dx": b}):
+        exact = directional_derivative(net, x, s, t, **tangent)
+        for method in ("jvp", "finite_difference"):
+            calls.clear()
+            options = {"method": method, "step": 1e-4, "value_graph": False}
+            bare = directional_derivative(counted, x, s, t, **tangent, **options)
+            assert len(calls) == (2 if method == "finite_difference" else 1)
+            assert not bare.value.requires_grad and bare.derivative.requires_grad
+            torch.testing.assert_close(bare.value, exact.value.detach(), rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(bare.derivative, exact.derivative, rtol=1e-6, atol=1e-8)
 
 
 OPTIONS = {

@@ -117,6 +117,9 @@ def test_finite_differences_under_dropout_match_the_jvp_of_the_same_masks(
     # Central differences of one sub-network err by O(h^2) ~ 1e-8; ahead and behind under two
     # masks differ by O(1) / 2h ~ 1e4.
     torch.testing.assert_close(fd.derivative, jvp.derivative, rtol=1e-6, atol=1e-8)
+    # The value read off the two calls' midpoint is the same sub-network's, to O(h^2).
+    bare = _seeded(1, directional_derivative, net, x, s, t, **fd_kw, value_graph=False)
+    torch.testing.assert_close(bare.value, jvp.value.detach(), rtol=1e-7, atol=1e-9)
     other = _seeded(2, directional_derivative, net, x, s, t, **kw)
     assert not torch.allclose(other.value, jvp.value)  # dropout is on
 

@@ -311,6 +311,12 @@ class RunConfig:
                 "network on each process: use train.parallel=ddp, or objective.target_ema=0 "
                 "(the current parameters as the target)"
             )
+        if self.objective.time_derivative == "finite_difference" and self.train.precision == "bf16":
+            raise ConfigError(
+                "objective.time_derivative=finite_difference subtracts two outputs 2e-3 apart in "
+                "time, below bf16's resolution (3.9e-3 relative): use train.precision=fp32 or "
+                "objective.time_derivative=jvp"
+            )
         image = self.data.name in IMAGE_SETS
         if (self.model.kind == "unet") != image:
             want = "unet" if image else "mlp"
