@@ -1,4 +1,5 @@
-"""The time embedding's scale of each kind of run, TVM's target rate, MeanFlow's adaptive weight.
+"""The time embedding's scale of each kind of run, TVM's target rate, the time derivative of
+each objective, MeanFlow's adaptive weight.
 
 Flow maps default to ``model.time_scale=1`` and the MeanFlow family to an unweighted loss
 (``objective.adaptive_power=0``): docs/flow-maps.md has the measurements behind both.
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowmatch.app.build import build_objective
 from flowmatch.app.runs import load_run, read_config
 from flowmatch.cli.main import main
 from flowmatch.losses.flow_maps import adaptively_weighted
@@ -72,6 +74,25 @@ def test_tvm_runs_record_their_target_rate_and_earlier_ones_read_as_the_current_
     del record["objective"]["target_ema"]  # written before the key: TVM used its parameters
     config_file.write_text(json.dumps(record))
     assert read_config(tmp_path / "plain").objective.target_ema == 0.0
+
+
+def test_runs_record_their_time_derivative_and_earlier_ones_read_as_the_jvp(tmp_path):
+    # LSD takes finite differences unless told otherwise or under bf16; the rest the JVP.
+    _train(tmp_path / "lsd", "objective=lsd")
+    _train(tmp_path / "bf16", "objective=lsd", "train.precision=bf16")
+    _train(tmp_path / "chosen", "objective=lsd", "objective.time_derivative=jvp")
+    _train(tmp_path / "meanflow", "objective=meanflow")
+    expected = {"lsd": "finite_difference", "bf16": "jvp", "chosen": "jvp", "meanflow": "jvp"}
+    for name, method in expected.items():
+        config = read_config(tmp_path / name)
+        assert config.objective.time_derivative == method, name
+        if name != "meanflow":  # the objective built from the record takes it
+            assert build_objective(config).distill.keywords["method"] == method, name
+    config_file = tmp_path / "chosen" / "config.json"
+    record = json.loads(config_file.read_text())
+    del record["objective"]["time_derivative"]  # written before the key: every run took JVPs
+    config_file.write_text(json.dumps(record))
+    assert read_config(tmp_path / "chosen").objective.time_derivative == "jvp"
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -230,8 +230,9 @@ class ObjectiveConfig:
     # conditional flow map learns the guided flow (guidance itself acts on velocities only)
     warm_start: bool = False  # distil / reflow: start from the teacher's weights (a flow map at
     # its Euler step); flowmatch distill turns it on
-    time_derivative: Literal["jvp", "finite_difference"] = "jvp"  # flow maps: how d/dt of the
-    # map is taken (finite_difference: for attention kernels without forward-mode derivatives)
+    time_derivative: Literal["jvp", "finite_difference"] | None = None  # flow maps: how d/dt
+    # of the map is taken; unset: the objective's (lsd: finite_difference, two calls instead of
+    # a JVP; the rest: jvp), and jvp under train.precision=bf16
     target_ema: float | None = None  # tvm: EMA rate of the copy that gives the terminal
     # target; unset: the objective's (tvm: 0.99, the official code's); 0: the current parameters
     adaptive_power: float = 0.0  # meanflow, imf, alpha-flow: power p of the weight

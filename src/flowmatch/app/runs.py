@@ -95,8 +95,12 @@ def read_config(run_dir: str | Path) -> RunConfig:
 
 
 def _as_before_the_keys(config: RunConfig) -> RunConfig:
-    """A run recorded before ``model.time_scale`` and ``objective.target_ema``: every network
-    used the scale 1000, and TVM its current parameters as the target (rate 0)."""
+    """A run recorded before ``model.time_scale``, ``objective.target_ema`` and
+    ``objective.time_derivative``: every network used the scale 1000, TVM its current
+    parameters as the target (rate 0), and time derivatives the JVP."""
+    if config.objective.time_derivative is None:
+        objective = dataclasses.replace(config.objective, time_derivative="jvp")
+        config = dataclasses.replace(config, objective=objective)
     if config.model.time_scale is None:
         model = dataclasses.replace(config.model, time_scale=1000.0)
         config = dataclasses.replace(config, model=model)
@@ -110,7 +114,8 @@ def _as_before_the_keys(config: RunConfig) -> RunConfig:
 def read_record(stored: dict[str, Any]) -> dict[str, Any]:
     """A run's stored record (a checkpoint's config) as this version reads it: through the
     schema, so a key added since takes its default (``model.time_scale`` the 1000 of every run
-    before it, ``objective.target_ema`` 0). ``ConfigError`` if this version cannot read it."""
+    before it, ``objective.target_ema`` 0, ``objective.time_derivative`` the JVP).
+    ``ConfigError`` if this version cannot read it."""
     return config_to_dict(_as_before_the_keys(config_from_dict(RunConfig, stored)))
 
 

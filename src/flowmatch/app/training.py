@@ -22,7 +22,7 @@ from flowmatch.app.build import (
     default_time_scale,
 )
 from flowmatch.app.config import ObjectiveConfig, RunConfig, read_config_file, with_overrides
-from flowmatch.app.objectives import OBJECTIVES
+from flowmatch.app.objectives import OBJECTIVES, time_derivative_of
 from flowmatch.app.presets import preset_config
 from flowmatch.app.run_folder import RunFolder
 from flowmatch.app.runs import (
@@ -136,6 +136,15 @@ def settle_target_ema(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, objective=objective)
 
 
+def settle_time_derivative(config: RunConfig) -> RunConfig:
+    """``config`` with ``objective.time_derivative`` set (unset: :func:`~flowmatch.app.
+    objectives.time_derivative_of`), as config.json records it."""
+    if config.objective.time_derivative is not None:
+        return config
+    objective = dataclasses.replace(config.objective, time_derivative=time_derivative_of(config))
+    return dataclasses.replace(config, objective=objective)
+
+
 def context_of(config: RunConfig) -> dict[str, Any]:
     """What the loop records beside its TrainConfig: every other section of the run config."""
     return {k: v for k, v in config_to_dict(config).items() if k != "train"}
@@ -196,7 +205,7 @@ def plot_losses(folder: RunFolder) -> None:
 def run_training(config: RunConfig, run_dir: Path, resume: bool) -> str:
     """Build everything the config names and train it (any number of processes); returns the
     summary line. Every check runs before the run folder is touched."""
-    config = settle_target_ema(settle_time_scale(config))
+    config = settle_time_derivative(settle_target_ema(settle_time_scale(config)))
     check_resume(config, run_dir, resume)
     device = resolve_device(config.train.device)
     fresh = latest_checkpoint(run_dir) is None
