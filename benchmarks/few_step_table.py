@@ -16,8 +16,9 @@ An objective may carry config overrides, ``NAME:KEY=VALUE,...`` (``tvm:objective
 ``--no-baselines`` leaves out the flow-matching rows.
 
 Quality is the energy distance (2-D, 4096 samples) or the Frechet distance in the shipped LeNet
-features (images, 1000 samples), next to the metric's noise. Results go to ``--out`` as JSON
-and are printed as a markdown table (median [min-max] over seeds).
+features (images, 1000 samples, or as many as the test split has: 297 on digits), next to the
+metric's noise. Results go to ``--out`` as JSON and are printed as a markdown table (median
+[min-max] over seeds).
 
     python benchmarks/few_step_table.py --presets checkerboard,eight-gaussians --seeds 0 \\
         --costs results/objective_cost_mlp.txt --out results/few_step_2d.json
