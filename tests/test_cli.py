@@ -93,6 +93,10 @@ def test_export_writes_safetensors_that_match_the_ema(run_dir):
         (["train", "--preset", "gmm", "model.hiden=3"], "valid keys"),
         (["train", "--preset", "gmm", "train.lr=fast"], "train.lr must be float"),
         (["train", "--preset", "gmm", "objective=magic"], "objective.name must be one of"),
+        (
+            ["train", "--preset", "gmm", "objective.time_derivative=fast"],
+            "objective.time_derivative must be one of jvp, finite_difference (none: the default)",
+        ),
         (["train", "--preset", "gmm", "data.name=array"], "data.path"),
     ],
 )

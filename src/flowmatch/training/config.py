@@ -304,6 +304,10 @@ def _replace(config: Any, prefix: str, **changes: Any) -> Any:
 def _describe(kind: Any) -> str:
     if typing.get_origin(kind) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(kind)))
+    args = typing.get_args(kind)
+    inner = [a for a in args if a is not type(None)]
+    if len(inner) == 1 and len(args) == 2 and typing.get_origin(inner[0]) is Literal:
+        return _describe(inner[0]) + " (none: the default)"
     return str(kind).replace("typing.", "") if not isinstance(kind, type) else kind.__name__
 
 
