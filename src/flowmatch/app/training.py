@@ -22,7 +22,7 @@ from flowmatch.app.build import (
     default_time_scale,
 )
 from flowmatch.app.config import ObjectiveConfig, RunConfig, read_config_file, with_overrides
-from flowmatch.app.objectives import OBJECTIVES, time_derivative_of
+from flowmatch.app.objectives import OBJECTIVES, target_ema_of, time_derivative_of
 from flowmatch.app.presets import preset_config
 from flowmatch.app.run_folder import RunFolder
 from flowmatch.app.runs import (
@@ -126,22 +126,14 @@ def settle_time_scale(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, time_scale=scale))
 
 
-def settle_target_ema(config: RunConfig) -> RunConfig:
-    """``config`` with ``objective.target_ema`` a number for an objective that has an EMA target
-    (unset: the registry entry's rate), as config.json records it."""
-    default = OBJECTIVES[config.objective.name].target_ema
-    if default is None or config.objective.target_ema is not None:
-        return config
-    objective = dataclasses.replace(config.objective, target_ema=default)
-    return dataclasses.replace(config, objective=objective)
-
-
-def settle_time_derivative(config: RunConfig) -> RunConfig:
-    """``config`` with ``objective.time_derivative`` set (unset: :func:`~flowmatch.app.
-    objectives.time_derivative_of`), as config.json records it."""
-    if config.objective.time_derivative is not None:
-        return config
-    objective = dataclasses.replace(config.objective, time_derivative=time_derivative_of(config))
+def settle_objective_defaults(config: RunConfig) -> RunConfig:
+    """``config`` with ``objective.target_ema`` and ``objective.time_derivative`` as the
+    objective resolves them (unset: its registry entry's), as config.json records them."""
+    objective = dataclasses.replace(
+        config.objective,
+        target_ema=target_ema_of(config),
+        time_derivative=time_derivative_of(config),
+    )
     return dataclasses.replace(config, objective=objective)
 
 
@@ -205,7 +197,7 @@ def plot_losses(folder: RunFolder) -> None:
 def run_training(config: RunConfig, run_dir: Path, resume: bool) -> str:
     """Build everything the config names and train it (any number of processes); returns the
     summary line. Every check runs before the run folder is touched."""
-    config = settle_time_derivative(settle_target_ema(settle_time_scale(config)))
+    config = settle_objective_defaults(settle_time_scale(config))
     check_resume(config, run_dir, resume)
     device = resolve_device(config.train.device)
     fresh = latest_checkpoint(run_dir) is None
