@@ -11,6 +11,7 @@ from flowmatch.losses.flow_maps import (
     directional_derivative,
     eulerian_map_distillation_loss,
     eulerian_self_distillation_loss,
+    fused_lsd_losses,
     lagrangian_map_distillation_loss,
     lagrangian_self_distillation_loss,
     meanflow_loss,
@@ -420,3 +421,54 @@ def test_every_time_derivative_option_gives_the_jvp_losses_and_gradients(float64
     torch.testing.assert_close(other, jvp, rtol=rtol, atol=atol)
     for a, b in zip(other_grads, jvp_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol * 10)
+
+
+def _diagonal_rows_first(x, s, t, velocity, n):
+    """The batch with its first ``n`` samples on the diagonal ``t = s``, as the objectives lay
+    it out."""
+    return x, s, torch.cat([s[:n], t[n:]]), velocity[:n]
+
+
+def test_fused_lsd_losses_are_the_diagonal_and_lsd_losses_in_two_calls(float64):
+    # At the exact map the off-diagonal part is a central difference's O(h^2) away from 0 (a
+    # squared residual ~1e-12 at h = 1e-3), at a perturbed map O(eps^2); both parts equal the
+    # separate losses, which would fail if a row were paired with another's times.
+    oracle = GaussianOracle(MEAN, COV)
+    x, s, t, velocity, _ = _points(oracle, n=24)
+    x, s, t, velocity = _diagonal_rows_first(x, s, t, velocity, n=16)
+    for flow_map in (oracle, PerturbedMap(oracle)):
+        fused = fused_lsd_losses(flow_map, x, s, t, velocity)
+        diagonal = diagonal_flow_matching_loss(flow_map, x[:16], s[:16], velocity)
+        off = lagrangian_self_distillation_loss(
+            flow_map, x[16:], s[16:], t[16:], method="finite_difference"
+        )
+        torch.testing.assert_close(fused, torch.cat([diagonal, off]), rtol=1e-9, atol=1e-15)
+    assert lagrangian_self_distillation_loss(oracle, x[16:], s[16:], t[16:]).max() < 1e-20
+    assert fused_lsd_losses(oracle, x, s, t, velocity)[16:].max() < 1e-10
+    assert fused[16:].mean() > 1e-4  # the perturbed map's
+
+
+def test_fused_lsd_has_the_gradients_of_the_separate_calls_with_labels(float64):
+    # Labels ride along with their rows: a row given another's label changes the gradients by
+    # O(1). The two-call loss is one network call on 16 + 2 x 8 rows and the target call.
+    torch.manual_seed(0)
+    backbone = MLP(2, hidden=16, depth=2, time_embed_dim=8, num_classes=3, num_times=2)
+    net = FlowMapNet(backbone)
+    x, s, t, velocity = _times(6)
+    x, s, t, velocity = _diagonal_rows_first(x, s, t, velocity, n=8)
+    kw = {"y": torch.arange(16) % 3}
+    calls = []
+    net.backbone.register_forward_hook(lambda *_: calls.append(1))
+    fused = fused_lsd_losses(net, x, s, t, velocity, kw)
+    assert len(calls) == 2
+    separate = torch.cat([
+        diagonal_flow_matching_loss(net, x[:8], s[:8], velocity, {"y": kw["y"][:8]}),
+        lagrangian_self_distillation_loss(
+            net, x[8:], s[8:], t[8:], {"y": kw["y"][8:]}, method="finite_difference"
+        ),
+    ])  # fmt: skip
+    torch.testing.assert_close(fused, separate, rtol=1e-9, atol=1e-14)
+    for a, b in zip(
+        _param_grads(net, fused.mean()), _param_grads(net, separate.mean()), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)

@@ -9,6 +9,7 @@ from torch import nn
 
 from flowmatch.losses import (
     ContinuousConsistencyObjective,
+    FusedLSDObjective,
     MeanFlowObjective,
     SelfDistillationObjective,
     SharedRandomness,
@@ -264,6 +265,20 @@ def test_objectives_under_dropout_are_reproducible_and_their_derivative_methods_
     torch.testing.assert_close(fd, loss, rtol=1e-4, atol=1e-8)
     for a, b in zip(fd_grads, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_lsd_refuses_a_network_that_draws_and_is_lsd_on_one_that_does_not(float64):
+    # One call of a dropout network would give the two shifted maps different masks: an O(1) / h
+    # error in the difference, so it is refused; without dropout it is LSD by finite differences.
+    x1 = torch.randn(32, 2, generator=torch.Generator().manual_seed(9))
+    fused = FusedLSDObjective(PATH)
+    with pytest.raises(RuntimeError, match="draws random numbers"):
+        fused(_net(), {"x1": x1}, 0, torch.Generator().manual_seed(0))
+    separate = OBJECTIVES["lsd"]("finite_difference")
+    losses = [
+        o(_net(p=0.0), {"x1": x1}, 0, torch.Generator().manual_seed(0)) for o in (fused, separate)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-9, atol=1e-14)
 
 
 def test_meanflow_objective_computes_the_time_derivative_it_is_given():

@@ -6,14 +6,18 @@ Flow maps default to ``model.time_scale=1`` and the MeanFlow family to an unweig
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from flowmatch.app.build import build_objective
+from flowmatch.app.objectives import time_derivative_of
+from flowmatch.app.presets import preset_config
 from flowmatch.app.runs import load_run, read_config
 from flowmatch.cli.main import main
+from flowmatch.losses import FusedLSDObjective, SelfDistillationObjective
 from flowmatch.losses.flow_maps import adaptively_weighted
 from flowmatch.training import latest_checkpoint, load_checkpoint
 
@@ -88,6 +92,13 @@ def test_runs_record_their_time_derivative_and_earlier_ones_read_as_the_jvp(tmp_
         assert config.objective.time_derivative == method, name
         if name != "meanflow":  # the objective built from the record takes it
             assert build_objective(config).distill.keywords["method"] == method, name
+    # On an MLP, LSD's finite difference and its diagonal take one network call; not on a U-Net.
+    config = read_config(tmp_path / "lsd")
+    assert isinstance(build_objective(config), FusedLSDObjective)
+    digits = preset_config("digits")
+    unet = replace(digits, objective=replace(digits.objective, name="lsd"))
+    assert unet.model.kind == "unet" and time_derivative_of(unet) == "finite_difference"
+    assert type(build_objective(unet)) is SelfDistillationObjective
     config_file = tmp_path / "chosen" / "config.json"
     record = json.loads(config_file.read_text())
     del record["objective"]["time_derivative"]  # written before the key: every run took JVPs

@@ -22,6 +22,7 @@ from flowmatch.losses.few_step import (
     terminal_velocity_loss,
 )
 from flowmatch.losses.flow_map_objectives import (
+    FusedLSDObjective,
     MapDistillationObjective,
     MeanFlowObjective,
     ProgressiveMapDistillationObjective,
@@ -38,6 +39,7 @@ from flowmatch.losses.flow_maps import (
     directional_derivative,
     eulerian_map_distillation_loss,
     eulerian_self_distillation_loss,
+    fused_lsd_losses,
     lagrangian_map_distillation_loss,
     lagrangian_self_distillation_loss,
     meanflow_loss,
@@ -51,6 +53,7 @@ __all__ = [
     "ConsistencyTimePairs",
     "ContinuousConsistencyObjective",
     "FlowMatchingObjective",
+    "FusedLSDObjective",
     "ImprovedMeanFlowObjective",
     "LearnedLossWeight",
     "MapDistillationObjective",
@@ -70,6 +73,7 @@ __all__ = [
     "esd",
     "eulerian_map_distillation_loss",
     "eulerian_self_distillation_loss",
+    "fused_lsd_losses",
     "improved_meanflow_loss",
     "lagrangian_map_distillation_loss",
     "lagrangian_self_distillation_loss",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import torch
@@ -28,6 +29,7 @@ from flowmatch.losses.flow_maps import (
     adaptively_weighted,
     diagonal_flow_matching_loss,
     eulerian_self_distillation_loss,
+    fused_lsd_losses,
     lagrangian_map_distillation_loss,
     lagrangian_self_distillation_loss,
     meanflow_loss,
@@ -203,6 +205,40 @@ class SelfDistillationObjective(_FlowMapObjective):
             return self.distill(model, x_s, s, t, _rows(kw, rows), generator)
 
         return self._weigh(_diagonal_then_off(pairs, diagonal, off_diagonal), pairs)
+
+
+class FusedLSDObjective(SelfDistillationObjective):
+    """LSD by a central difference in two network calls a step (:func:`~flowmatch.losses.
+    flow_maps.fused_lsd_losses`) instead of four: the diagonal samples and both shifted maps of
+    the others in one call, the target in a second. The loss of ``SelfDistillationObjective(path,
+    partial(lsd, method="finite_difference"))`` up to rounding, for a network that draws no random
+    numbers (no dropout); ``step`` is the difference's ``h``."""
+
+    def __init__(
+        self,
+        path: AffinePath,
+        diagonal_fraction: float = 0.75,
+        learned_weight: bool = False,
+        both_orders: bool = False,
+        step: float = 1e-3,
+    ) -> None:
+        distill = partial(lsd, method="finite_difference")
+        super().__init__(path, distill, diagonal_fraction, learned_weight, both_orders)
+        self.step = step
+
+    def forward(
+        self,
+        model: FlowMap,
+        batch: dict[str, Tensor],
+        step: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        point, pairs, kw = self._draw(batch, generator)
+        diagonal_velocity = point.velocity[: pairs.num_diagonal]
+        losses = fused_lsd_losses(
+            model, point.x_t, pairs.s, pairs.t, diagonal_velocity, kw, self.step
+        )
+        return self._weigh(losses, pairs)
 
 
 class MeanFlowObjective(_FlowMapObjective):

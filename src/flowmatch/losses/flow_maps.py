@@ -273,6 +273,56 @@ def lagrangian_self_distillation_loss(
     return lagrangian_map_distillation_loss(flow_map, velocity, x_s, s, t, model_kwargs, method)
 
 
+def fused_lsd_losses(
+    flow_map: FlowMap,
+    x_s: Tensor,
+    s: Tensor,
+    t: Tensor,
+    diagonal_velocity: Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+    step: float = 1e-3,
+) -> Tensor:
+    """``L_b`` of the first ``n = len(diagonal_velocity)`` samples (``s = t``) and LSD's residual
+    of the rest by a central difference, in two network calls: ``[B]``.
+
+    One call of ``flow_map.slope`` on ``n + 2m`` rows gives the diagonal velocities ``v_{s,s}``
+    and both shifted maps ``X_{s,t +- h}(x_s)`` of the ``m`` off-diagonal samples; a second,
+    under ``no_grad``, the target ``sg(v_{t,t}(sg X_{s,t}))`` with ``X_{s,t}`` their midpoint.
+    These are :func:`diagonal_flow_matching_loss` and ``lagrangian_self_distillation_loss(...,
+    method="finite_difference")`` up to rounding, at two calls instead of four (small networks
+    spend most of a step on each call's fixed cost). Only for a network that draws no random
+    numbers: one call of a network with dropout gives the two shifted maps different masks.
+    ``RuntimeError`` if the call moved a global generator.
+    """
+    kw = model_kwargs or {}
+    n = diagonal_velocity.shape[0]
+    x_off, s_off, t_off = x_s[n:], s[n:], t[n:]
+    m = x_off.shape[0]
+    before = _global_rng_states(x_s.device)
+    slopes = flow_map.slope(
+        torch.cat([x_s, x_off]),
+        torch.cat([s, s_off]),
+        torch.cat([t[:n], t_off + step, t_off - step]),
+        **{k: torch.cat([v, v[n:]]) for k, v in kw.items()},
+    )
+    after = _global_rng_states(x_s.device)
+    if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+        raise RuntimeError(
+            "the network draws random numbers (dropout?): its shifted maps need separate calls "
+            "that share them; use lagrangian_self_distillation_loss"
+        )
+    diagonal, slope_ahead, slope_behind = slopes.split([n, m, m])
+    losses = [_mean_square(diagonal - diagonal_velocity)]
+    if m > 0:
+        ahead = x_off + broadcast_time(t_off + step - s_off, x_off) * slope_ahead
+        behind = x_off + broadcast_time(t_off - step - s_off, x_off) * slope_behind
+        with torch.no_grad():
+            kw_off = {k: v[n:] for k, v in kw.items()}
+            target = flow_map.velocity(0.5 * (ahead + behind), t_off, **kw_off)
+        losses.append(_mean_square((ahead - behind) / (2.0 * step) - target))
+    return torch.cat(losses)
+
+
 def eulerian_self_distillation_loss(
     flow_map: FlowMap,
     x_s: Tensor,
