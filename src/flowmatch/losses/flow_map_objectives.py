@@ -212,7 +212,7 @@ class FusedLSDObjective(SelfDistillationObjective):
     flow_maps.fused_lsd_losses`) instead of four: the diagonal samples and both shifted maps of
     the others in one call, the target in a second. The loss of ``SelfDistillationObjective(path,
     partial(lsd, method="finite_difference"))`` up to rounding, for a network that draws no random
-    numbers (no dropout); ``step`` is the difference's ``h``."""
+    numbers (no dropout); ``difference_step`` is the difference's ``h``."""
 
     def __init__(
         self,
@@ -220,11 +220,11 @@ class FusedLSDObjective(SelfDistillationObjective):
         diagonal_fraction: float = 0.75,
         learned_weight: bool = False,
         both_orders: bool = False,
-        step: float = 1e-3,
+        difference_step: float = 1e-3,
     ) -> None:
         distill = partial(lsd, method="finite_difference")
         super().__init__(path, distill, diagonal_fraction, learned_weight, both_orders)
-        self.step = step
+        self.difference_step = difference_step
 
     def forward(
         self,
@@ -235,9 +235,8 @@ class FusedLSDObjective(SelfDistillationObjective):
     ) -> Tensor:
         point, pairs, kw = self._draw(batch, generator)
         diagonal_velocity = point.velocity[: pairs.num_diagonal]
-        losses = fused_lsd_losses(
-            model, point.x_t, pairs.s, pairs.t, diagonal_velocity, kw, self.step
-        )
+        x_s, s, t, h = point.x_t, pairs.s, pairs.t, self.difference_step
+        losses = fused_lsd_losses(model, x_s, s, t, diagonal_velocity, kw, h)
         return self._weigh(losses, pairs)
 
 
