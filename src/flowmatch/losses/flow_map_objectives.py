@@ -196,6 +196,17 @@ class SelfDistillationObjective(_FlowMapObjective):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         point, pairs, kw = self._draw(batch, generator)
+        return self._weigh(self._losses(model, point, pairs, kw, generator), pairs)
+
+    def _losses(
+        self,
+        model: FlowMap,
+        point: PathSample,
+        pairs: TimePairs,
+        kw: dict[str, Tensor],
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """The diagonal and off-diagonal losses ``[B]``, before the learned weight."""
 
         def diagonal(rows: slice) -> Tensor:
             return self._diagonal(model, point, pairs, kw, rows)
@@ -204,7 +215,7 @@ class SelfDistillationObjective(_FlowMapObjective):
             x_s, s, t = point.x_t[rows], pairs.s[rows], pairs.t[rows]
             return self.distill(model, x_s, s, t, _rows(kw, rows), generator)
 
-        return self._weigh(_diagonal_then_off(pairs, diagonal, off_diagonal), pairs)
+        return _diagonal_then_off(pairs, diagonal, off_diagonal)
 
 
 class FusedLSDObjective(SelfDistillationObjective):
@@ -226,18 +237,17 @@ class FusedLSDObjective(SelfDistillationObjective):
         super().__init__(path, distill, diagonal_fraction, learned_weight, both_orders)
         self.difference_step = difference_step
 
-    def forward(
+    def _losses(
         self,
         model: FlowMap,
-        batch: dict[str, Tensor],
-        step: int,
-        generator: torch.Generator | None = None,
+        point: PathSample,
+        pairs: TimePairs,
+        kw: dict[str, Tensor],
+        generator: torch.Generator | None,
     ) -> Tensor:
-        point, pairs, kw = self._draw(batch, generator)
         diagonal_velocity = point.velocity[: pairs.num_diagonal]
         x_s, s, t, h = point.x_t, pairs.s, pairs.t, self.difference_step
-        losses = fused_lsd_losses(model, x_s, s, t, diagonal_velocity, kw, h)
-        return self._weigh(losses, pairs)
+        return fused_lsd_losses(model, x_s, s, t, diagonal_velocity, kw, h)
 
 
 class MeanFlowObjective(_FlowMapObjective):
