@@ -6,7 +6,8 @@ For each workload (a preset) and seed, through the command line:
   2, 4, 8 Euler steps (and dopri5 on images);
 - every flow-map objective trained ``--steps`` steps (*equal steps*) and ``--steps / c`` steps
   (*equal wall-clock*, ``c`` its step cost relative to flow matching in the saved output of
-  ``objective_cost.py``), sampled with 1, 2, 4, 8 jumps;
+  ``objective_cost.py``, its ``NAME:fd`` row for a time derivative by finite differences),
+  sampled with 1, 2, 4, 8 jumps;
 - with ``--ot-objectives``, those objectives at equal steps on minibatch-OT pairs (sorted
   blocks of 128, prefetched);
 - the distillations (``lmd``, ``emd``, ``pfmm``, ``scd``) from a flow-matching teacher trained
@@ -82,6 +83,16 @@ def read_costs(path: Path) -> dict[str, float]:
     return costs
 
 
+def cost_row(name: str, overrides: list[str]) -> str:
+    """The row of ``objective_cost.py``'s table that times a run of ``name`` with ``overrides``:
+    ``NAME:fd`` when its time derivative is a finite difference (set, or the registry's
+    default), ``NAME`` (by JVP, or none) otherwise."""
+    key = "objective.time_derivative="
+    chosen = [o.removeprefix(key) for o in overrides if o.startswith(key)]
+    derivative = chosen[-1] if chosen else OBJECTIVES[name].time_derivative
+    return f"{name}:fd" if derivative == "finite_difference" else name
+
+
 def split_spec(spec: str) -> tuple[str, list[str]]:
     """``"NAME:KEY=VALUE,..."`` -> ``(NAME, ["objective=NAME", "KEY=VALUE", ...])``."""
     name, _, overrides = spec.partition(":")
@@ -109,9 +120,9 @@ def measure(args: argparse.Namespace, preset: str, seed: int, root: Path) -> dic
         name, overrides = split_spec(spec)
         if name not in FLOW_MAPS:
             continue
-        lengths = {"equal steps": steps}
-        if name in costs:
-            lengths["equal time"] = max(1, round(steps / costs[name]))
+        lengths, cost = {"equal steps": steps}, costs.get(cost_row(name, overrides))
+        if cost is not None:
+            lengths["equal time"] = max(1, round(steps / cost))
         for kind, length in lengths.items():
             folder = root / f"{preset}-{index}-{name}-{kind[6:]}-{seed}"
             train = partial(train_run, flow_map_preset, folder, length, seed, overrides)

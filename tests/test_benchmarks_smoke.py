@@ -172,7 +172,9 @@ def _script(name: str, *args: str, tmp_path: Path) -> str:
 
 def test_few_step_table_and_ot_quality_run_end_to_end(tmp_path):
     costs = tmp_path / "costs.txt"
-    costs.write_text("| objective | step time / fm's | peak RSS |\n| lsd | 2.00 [1-3] | 9 |\n")
+    # LSD's default time derivative is a finite difference: its row is lsd:fd, not lsd (the JVP)
+    rows = "| lsd | 4.00 [3-5] | 9 |\n| lsd:fd | 2.00 [1-3] | 9 |\n"
+    costs.write_text("| objective | step time / fm's | peak RSS |\n" + rows)
     out = tmp_path / "few.json"
     args = ["--presets", "checkerboard", "--steps", "6", "--objectives", "lsd", "--costs"]
     table = _script("few_step_table.py", *args, str(costs), "--out", str(out), tmp_path=tmp_path)

@@ -1,6 +1,7 @@
 """The command line end to end on a tiny 2-D run, and its one-line errors for bad input."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import flowmatch
 from flowmatch.app.build import DataSpec, build_model
 from flowmatch.app.presets import PRESETS, preset_config
 from flowmatch.app.runs import load_run
+from flowmatch.app.training import settle_config
 from flowmatch.cli.main import main
 from flowmatch.solvers import log_likelihood, sample
 
@@ -274,3 +276,10 @@ def test_conditional_digits_run_end_to_end(tmp_path, capsys):
     assert report["method"] == "flow_map"
     assert [r["nfe"] for r in report["teacher_euler"]] == [1, 2]
     assert all(r["frechet_distance"] > 0 for r in report["teacher_euler"])
+
+
+def test_digits_flowmap_preset_is_the_run_the_few_step_table_measured():
+    # BENCHMARKS.md's digits rows: the digits preset, objective=esd, --max-steps 1000.
+    settle = partial(settle_config, config_file=None, resume=None)
+    measured = settle(preset="digits", overrides=["objective=esd"], max_steps=1000)
+    assert settle(preset="digits-flowmap", overrides=[], max_steps=None) == measured
