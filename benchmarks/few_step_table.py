@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 
 from cli_runs import FLOWMATCH, quality, run_cli, train_run
-from flowmatch.app.objectives import OBJECTIVES
+from flowmatch.app.config import RunConfig, with_overrides
+from flowmatch.app.objectives import OBJECTIVES, time_derivative_of
+from flowmatch.app.presets import preset_config
 
 JUMPS = (1, 2, 4, 8)
 IMAGE_PRESETS = ("digits", "mnist-small")
@@ -83,14 +85,11 @@ def read_costs(path: Path) -> dict[str, float]:
     return costs
 
 
-def cost_row(name: str, overrides: list[str]) -> str:
-    """The row of ``objective_cost.py``'s table that times a run of ``name`` with ``overrides``:
-    ``NAME:fd`` when its time derivative is a finite difference (set, or the registry's
-    default), ``NAME`` (by JVP, or none) otherwise."""
-    key = "objective.time_derivative="
-    chosen = [o.removeprefix(key) for o in overrides if o.startswith(key)]
-    derivative = chosen[-1] if chosen else OBJECTIVES[name].time_derivative
-    return f"{name}:fd" if derivative == "finite_difference" else name
+def cost_row(config: RunConfig) -> str:
+    """The row of ``objective_cost.py``'s table that times a run of ``config``: ``NAME:fd`` when
+    its time derivative is a finite difference, ``NAME`` (by JVP, or none) otherwise."""
+    name = config.objective.name
+    return f"{name}:fd" if time_derivative_of(config) == "finite_difference" else name
 
 
 def split_spec(spec: str) -> tuple[str, list[str]]:
@@ -120,7 +119,8 @@ def measure(args: argparse.Namespace, preset: str, seed: int, root: Path) -> dic
         name, overrides = split_spec(spec)
         if name not in FLOW_MAPS:
             continue
-        lengths, cost = {"equal steps": steps}, costs.get(cost_row(name, overrides))
+        config = with_overrides(preset_config(flow_map_preset), overrides)
+        lengths, cost = {"equal steps": steps}, costs.get(cost_row(config))
         if cost is not None:
             lengths["equal time"] = max(1, round(steps / cost))
         for kind, length in lengths.items():
