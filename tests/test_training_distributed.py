@@ -5,12 +5,11 @@ teacher), under DDP and under FSDP, on one node and on two."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
+import _torchrun
 import pytest
 import torch
 from _train_worker import OBJECTIVES, make_problem, train_case
@@ -26,7 +25,6 @@ from flowmatch.training import (
 )
 
 WORKER = Path(__file__).with_name("_train_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # float64: the processes add the micro-batch gradients in another order ((g0 + g2) + (g1 + g3)
 # instead of g0 + g1 + g2 + g3; FSDP's reduce-scatter and the sharded clip norm regroup sums
 # too), which changes the last bits (~1e-16 relative); four Adam steps amplify that by at most
@@ -46,20 +44,9 @@ def _config(**changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
-def _torchrun(arguments: list[str], cases: list, run_dir: Path) -> subprocess.Popen:
+def _start_workers(arguments: list[str], cases: list, run_dir: Path) -> subprocess.Popen:
     """Start ``torchrun ARGUMENTS _train_worker.py --cases CASES RUN_DIR``."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", *arguments, str(WORKER), "--cases",
-        json.dumps(cases), str(run_dir),
-    ]  # fmt: skip
-    return subprocess.Popen(
-        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def _wait(process: subprocess.Popen, timeout: int = 150) -> None:
-    _, stderr = process.communicate(timeout=timeout)
-    assert process.returncode == 0, stderr[-3000:]
+    return _torchrun.start([*arguments, str(WORKER), "--cases", json.dumps(cases), str(run_dir)])
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -92,12 +79,12 @@ def test_every_objective_on_two_processes_matches_one_process(tmp_path):
         [f"{o}-{e}", o, config_to_dict(_config(parallel=e))] for e in engines for o in OBJECTIVES
     ]
     cases.append(["lsd-fsdp-resumed", "lsd", config_to_dict(_config(parallel="fsdp"))])
-    process = _torchrun(["--standalone", "--nproc_per_node=2"], cases, tmp_path)
+    process = _start_workers(["--standalone", "--nproc_per_node=2"], cases, tmp_path)
 
     singles = {}  # the one-process runs, while the two processes train
     for objective in OBJECTIVES:
         singles[objective] = train_case(objective, _config(), str(tmp_path / f"{objective}-one"))
-    _wait(process)
+    _torchrun.finish(process, 150)
 
     for engine in engines:
         for objective, model in singles.items():
@@ -131,7 +118,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
     cases = [["fm-ddp", "fm", config_to_dict(_config())]]
     port = _free_port()
     nodes = [
-        _torchrun(
+        _start_workers(
             [
                 "--nnodes=2",
                 f"--node_rank={rank}",
@@ -146,7 +133,7 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
     ]
     model = train_case("fm", _config(), str(tmp_path / "fm-one"))
     for node in nodes:
-        _wait(node)
+        _torchrun.finish(node, 150)
     _assert_same_run(
         tmp_path / "fm-ddp", tmp_path / "fm-ddp.safetensors", tmp_path / "fm-one", model
     )
@@ -160,13 +147,11 @@ def test_two_processes_match_one_process(tmp_path):
         seed=3, steps=6, batch_size=16, micro_batch_size=4, lr=1e-2, grad_clip=0.5,
         log_every=3, checkpoint_every=6, device="cpu",
     )  # fmt: skip
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(WORKER), json.dumps(config_to_dict(config)), str(tmp_path / "ddp"),
-        "--dtype", "float64", "--out", str(tmp_path / "ddp.safetensors"),
+    arguments = [
+        "--standalone", "--nproc_per_node=2", str(WORKER), json.dumps(config_to_dict(config)),
+        str(tmp_path / "ddp"), "--dtype", "float64", "--out", str(tmp_path / "ddp.safetensors"),
     ]  # fmt: skip
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun.finish(_torchrun.start(arguments), 120)
 
     model, objective, source = make_problem(torch.float64)
     initial = [p.detach().clone() for p in model.parameters()]
