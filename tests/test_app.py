@@ -11,7 +11,7 @@ import torch
 
 import flowmatch
 from flowmatch.app.config import read_config_file
-from flowmatch.app.objectives import OBJECTIVES
+from flowmatch.app.objectives import OBJECTIVES, OPTIONAL_SETTINGS
 from flowmatch.app.presets import PRESETS, preset_config
 from flowmatch.cli.main import main
 from flowmatch.training import TrainConfig, latest_checkpoint, load_checkpoint, train
@@ -143,6 +143,53 @@ def test_every_objective_is_one_registry_entry_the_cli_reads(capsys):
             assert callable(objective), name
     for preset in PRESETS.values():
         assert preset.build().objective.name in OBJECTIVES
+
+
+# a value other than the default of each key that only some objectives read
+CHANGED = {
+    "diagonal_fraction": "0.25",
+    "both_orders": "true",
+    "learned_weight": "true",
+    "adaptive_power": "1",
+}
+
+
+def _loss_and_state(config, teacher):
+    """The objective's loss at a fixed batch, draws and network, and its state's keys."""
+    from flowmatch.app.build import DataSpec, build_model, build_objective
+
+    torch.manual_seed(0)
+    model = build_model(config, DataSpec((2,)))
+    with torch.no_grad():  # not the initial map (its last layer is zero: X = identity)
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    objective = build_objective(config, teacher)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"x1": torch.randn(64, 2, generator=generator)}
+    loss = objective(model, batch, 10**6, generator).mean().item()
+    return loss, sorted(objective.state_dict())
+
+
+@pytest.mark.parametrize("key", OPTIONAL_SETTINGS)
+def test_an_objective_reads_the_settings_its_entry_names_and_refuses_the_others(
+    key, tmp_path, capsys
+):
+    teacher = lambda x, t, **kw: -x  # noqa: E731
+    for name, entry in OBJECTIVES.items():
+        preset = "checkerboard-flowmap" if entry.is_flow_map else "checkerboard"
+        if key not in entry.settings:  # one line, exit 2, nothing written
+            argv = ["train", "--preset", preset, "--out", str(tmp_path / name)]
+            assert main([*argv, f"objective={name}", f"objective.{key}={CHANGED[key]}"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"objective.{key} applies to objective=" in err, err
+            assert f"not to name={name}" in err and len(err.splitlines()) == 1
+            assert not (tmp_path / name).exists()
+            continue
+        # a distillation's teacher folder is not opened here: its velocity is passed
+        named = [f"objective={name}"] + ([f"objective.teacher={tmp_path}"] if entry.teacher else [])
+        plain = flowmatch.app.config.with_overrides(preset_config(preset), named)
+        changed = flowmatch.app.config.with_overrides(plain, [f"objective.{key}={CHANGED[key]}"])
+        assert _loss_and_state(changed, teacher) != _loss_and_state(plain, teacher), name
 
 
 def test_prefetching_the_next_batches_changes_no_bit(tmp_path):

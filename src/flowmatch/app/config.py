@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,10 +217,13 @@ class ObjectiveConfig:
 
     name: str = "fm"
     label_dropout: float = 0.1  # conditional models: share of null labels or contexts (guidance)
-    diagonal_fraction: float = 0.75  # flow maps: share of the batch on the diagonal s = t
-    learned_weight: bool = False  # flow maps: learned two-time weight e^-w L + w (unstable on
-    # small runs here: it can favour the trivial self-consistent map; docs/flow-maps.md)
-    both_orders: bool = False  # flow maps: train s > t too (backward map, few-step likelihood)
+    # Keys that only some objectives read (ObjectiveEntry.settings; the others refuse a change):
+    diagonal_fraction: float = 0.75  # self-distillation: share of the batch on the diagonal
+    learned_weight: bool = False  # flow maps but the MeanFlows and TVM: the learned two-time
+    # weight e^-w L + w (unstable on small runs here: it can favour the trivial
+    # self-consistent map; docs/flow-maps.md)
+    both_orders: bool = False  # self-distillation: train s > t too (backward map, few-step
+    # likelihood)
     teacher: str | None = None  # distillation / reflow: the teacher's run folder
     teacher_solver: str = "dopri5"  # reflow: how the teacher's pairs are generated
     teacher_steps: int | None = None
@@ -240,7 +243,10 @@ class ObjectiveConfig:
     # conditional velocity's geometric median, not its mean (a biased velocity: docs/flow-maps.md)
 
     def __post_init__(self) -> None:
-        from flowmatch.app.objectives import OBJECTIVES  # the registry builds from this schema
+        from flowmatch.app.objectives import (  # the registry builds from this schema
+            OBJECTIVES,
+            OPTIONAL_SETTINGS,
+        )
 
         _check_choice("name", self.name, list(OBJECTIVES))
         check_range("label_dropout", self.label_dropout, 0.0, 1.0, high_open=True)
@@ -253,6 +259,15 @@ class ObjectiveConfig:
         if self.target_ema is not None and OBJECTIVES[self.name].target_ema is None:
             takes = ", ".join(n for n, e in OBJECTIVES.items() if e.target_ema is not None)
             raise ConfigError(f"target_ema applies to objective={takes}, not to name={self.name}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for key in OPTIONAL_SETTINGS:
+            if getattr(self, key) != defaults[key] and key not in OBJECTIVES[self.name].settings:
+                takes = ", ".join(n for n, e in OBJECTIVES.items() if key in e.settings)
+                default = str(defaults[key]).lower()
+                raise ConfigError(
+                    f"{key} applies to objective={takes}, not to name={self.name}: set it to "
+                    f"{default}"
+                )
         guidance = self.teacher_guidance
         check_range("teacher_guidance", guidance, -math.inf, math.inf, optional=True)
         needs_teacher = OBJECTIVES[self.name].teacher

@@ -71,7 +71,9 @@ class ObjectiveEntry:
     :func:`flowmatch.app.build.default_time_scale`). ``target_ema``: the default EMA rate of the
     copy of the network that gives its target (``objective.target_ema`` unset; None: it has no
     such copy). ``time_derivative``: how its time derivatives are taken when
-    ``objective.time_derivative`` is unset, in fp32 (:func:`time_derivative_of`)."""
+    ``objective.time_derivative`` is unset, in fp32 (:func:`time_derivative_of`).
+    ``settings``: the keys of :data:`OPTIONAL_SETTINGS` it reads; the others must keep their
+    defaults in its config."""
 
     description: str
     network: Literal["velocity", "flow_map"]
@@ -82,6 +84,7 @@ class ObjectiveEntry:
     time_scale: float | None = None
     target_ema: float | None = None
     time_derivative: TimeDerivative = "jvp"
+    settings: frozenset[str] = frozenset()
 
     @property
     def uses_coupling(self) -> bool:
@@ -192,7 +195,12 @@ def _reflow(parts: Parts) -> ReflowObjective:
     return ReflowObjective(parts.path, mode=mode, time_sampler=parts.time_sampler)
 
 
-_DISTILLED: dict[str, Any] = {"teacher": True, "compare_with_teacher": True}
+# objective.* keys that only some objectives read (ObjectiveEntry.settings)
+OPTIONAL_SETTINGS = ("diagonal_fraction", "both_orders", "learned_weight", "adaptive_power")
+_WEIGHTED = frozenset({"learned_weight"})
+_SELF_DISTILLED = frozenset({"diagonal_fraction", "both_orders", "learned_weight"})
+_POWERED = frozenset({"adaptive_power"})
+_DISTILLED: dict[str, Any] = {"teacher": True, "compare_with_teacher": True, "settings": _WEIGHTED}
 
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "fm": ObjectiveEntry(
@@ -209,21 +217,25 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         # same quality on the 2-D presets (3 seeds); on an MLP those two calls and the
         # diagonal's are one
         time_derivative="finite_difference",
+        settings=_SELF_DISTILLED,
     ),
     "esd": ObjectiveEntry(
         "flow map by Eulerian self-distillation (Boffi et al. 2025)",
         "flow_map",
         _self_distillation(esd),
+        settings=_SELF_DISTILLED,
     ),
     "psd-mid": ObjectiveEntry(
         "flow map by progressive self-distillation through the midpoint (Boffi et al. 2025)",
         "flow_map",
         _self_distillation(psd_midpoint, takes_derivative=False),
+        settings=_SELF_DISTILLED,
     ),
     "psd-uniform": ObjectiveEntry(
         "flow map by progressive self-distillation through uniform points (Boffi et al. 2025)",
         "flow_map",
         _self_distillation(psd_uniform, takes_derivative=False),
+        settings=_SELF_DISTILLED,
     ),
     "meanflow": ObjectiveEntry(
         "flow map by MeanFlow (Geng et al. 2025)",
@@ -233,11 +245,13 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
             power=_power(parts),
             time_derivative=time_derivative_of(parts.config),
         ),
+        settings=_POWERED,
     ),
     "imf": ObjectiveEntry(
         "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",
         "flow_map",
         lambda parts: ImprovedMeanFlowObjective(parts.path, power=_power(parts)),
+        settings=_POWERED,
     ),
     "alpha-flow": ObjectiveEntry(
         "flow map by alpha-Flow's curriculum from flow matching to MeanFlow (arXiv 2510.20771)",
@@ -245,6 +259,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         lambda parts: AlphaFlowObjective(
             parts.path, end_step=parts.config.train.steps, power=_power(parts)
         ),
+        settings=_POWERED,
     ),
     "shortcut": ObjectiveEntry(
         "flow map by shortcut models' self-consistency, no JVP (Frans et al. 2024)",
@@ -252,12 +267,14 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         lambda parts: ShortcutObjective(
             parts.path, learned_weight=parts.config.objective.learned_weight
         ),
+        settings=_WEIGHTED,
     ),
     "split-meanflow": ObjectiveEntry(
         "flow map by SplitMeanFlow's interval splitting, no JVP (arXiv 2507.16884): the loss "
         "of psd-uniform",
         "flow_map",
         _self_distillation(psd_uniform, takes_derivative=False),
+        settings=_SELF_DISTILLED,
     ),
     "tvm": ObjectiveEntry(
         "flow map by Terminal Velocity Matching (arXiv 2511.19797)",
@@ -278,6 +295,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         "consistency model X_{s,1} by continuous-time consistency training (Lu & Song 2024)",
         "flow_map",
         lambda parts: _consistency(parts, teacher=None),
+        settings=_WEIGHTED,
     ),
     "lmd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Lagrangian (Boffi et al. 2024)",
