@@ -174,7 +174,9 @@ def _loss_and_state(config, teacher):
 def test_an_objective_reads_the_settings_its_entry_names_and_refuses_the_others(
     key, tmp_path, capsys
 ):
-    teacher = lambda x, t, **kw: -x  # noqa: E731
+    def teacher(x, t, **kw):
+        return -x
+
     for name, entry in OBJECTIVES.items():
         preset = "checkerboard-flowmap" if entry.is_flow_map else "checkerboard"
         if key not in entry.settings:  # one line, exit 2, nothing written

@@ -18,7 +18,8 @@ TINY = [
     "train.log_every=5",
     "eval.nll_samples=48",
 ]
-ROUNDING = 1e-6  # float32 sums of O(1) terms in another order
+# float32 sums of O(1) terms in another order: measured up to 2.4e-7 (2 ulp at |x| ~ 2.8)
+ROUNDING = 1e-6
 
 
 @pytest.fixture(scope="module")
