@@ -11,7 +11,8 @@ For each workload (a preset) and seed, through the command line:
 - with ``--ot-objectives``, those objectives at equal steps on minibatch-OT pairs (sorted
   blocks of 128, prefetched);
 - the distillations (``lmd``, ``emd``, ``pfmm``, ``scd``) from a flow-matching teacher trained
-  half the steps, distilled the other half (the teacher's steps count).
+  half the steps (with ``--teacher-overrides``, e.g. ``model.time_scale=1``), distilled the
+  other half (the teacher's steps count).
 
 An objective may carry config overrides, ``NAME:KEY=VALUE,...`` (``tvm:objective.target_ema=0.99``);
 ``--no-baselines`` leaves out the flow-matching rows.
@@ -135,10 +136,11 @@ def measure(args: argparse.Namespace, preset: str, seed: int, root: Path) -> dic
     distilled = [o for o in args.objectives if split_spec(o)[0] in DISTILLED]
     if distilled:
         teacher = root / f"{preset}-teacher-{seed}"
-        train_run(preset, teacher, steps // 2, seed, [])
+        train_run(preset, teacher, steps // 2, seed, args.teacher_overrides)
+        of_teacher = "".join(f", teacher {o}" for o in args.teacher_overrides)
         for index, spec in enumerate(distilled):
             folder = root / f"{preset}-{index}-{split_spec(spec)[0]}-{seed}"
-            row = f"{spec}, teacher {steps // 2} + {steps - steps // 2}"
+            row = f"{spec}, teacher {steps // 2} + {steps - steps // 2}{of_teacher}"
             distill = partial(_distill, teacher, folder, spec, steps - steps // 2, seed)
             out[row] = _trained_quality(distill, folder, n, seed)
     return out
@@ -185,6 +187,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--objectives", nargs="+", default=FLOW_MAPS + DISTILLED)
     parser.add_argument("--ot-objectives", nargs="*", default=[], help="also with OT pairs")
+    parser.add_argument(
+        "--teacher-overrides", nargs="*", default=[], help="KEY=VALUE settings of the teacher"
+    )
     parser.add_argument("--costs", help="objective_cost.py's output, saved (equal wall-clock)")
     parser.add_argument("--out", type=Path, help="JSON results (a re-run adds its seeds)")
     parser.add_argument("--report-only", action="store_true", help="print --out's table")

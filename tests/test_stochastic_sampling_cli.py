@@ -114,6 +114,22 @@ def test_generate_takes_the_noise(flow_map_run):
     assert not torch.allclose(a, generate(run, 32, steps=3, seed=2).x, atol=1e-3)
 
 
+def test_a_consistency_model_re_noises_between_its_jumps_unless_told(tmp_path, capsys):
+    # sCT trains only the jumps to the data end: its default sampler is gamma = 1 (Song et al.
+    # 2023, Algorithm 1), the same draw as --gamma 1; --gamma 0 chains the untrained X_{s,t<1}.
+    out = tmp_path / "sct"
+    argv = ["train", "--preset", "gmm-flowmap", "--out", str(out), "--max-steps", "5", *TINY]
+    assert main([*argv, "objective=sct", "objective.both_orders=false"]) == 0
+    default = _samples(out, tmp_path, "default")
+    assert np.array_equal(_samples(out, tmp_path, "g1", "--gamma", "1"), default)
+    assert not np.allclose(_samples(out, tmp_path, "g0", "--gamma", "0"), default, atol=1e-3)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--steps", "1,2", "--n", "50", "--no-nll", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sampler"] == "flow_map-gamma1.0" and report["noise"]["gamma"] == 1.0
+    assert (out / "eval-flow_map-gamma1.0-1-2.json").is_file()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

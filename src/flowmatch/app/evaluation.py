@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,16 @@ def default_method(run: Run) -> str:
     """The registry's sampler of the run's objective (flow-map runs jump with the map itself),
     else the run's ``eval.solver``."""
     return run.objective.default_solver or run.config.eval.solver
+
+
+def sampler_noise(run: Run, method: str, noise: SamplerNoise | None) -> SamplerNoise:
+    """``noise`` with the flow-map jumps' ``gamma`` set to the objective's ``jump_gamma`` when
+    unset: a consistency model's jumps re-noise (Song et al. 2023, Algorithm 1)."""
+    noise = noise or SamplerNoise()
+    gamma = run.objective.jump_gamma
+    if method == "flow_map" and noise.gamma is None and gamma is not None:
+        return replace(noise, gamma=gamma)
+    return noise
 
 
 def check_sampling(
@@ -181,14 +191,15 @@ def generate(
     methods integrate the velocity (a flow map's diagonal). Conditional runs take ``labels [n]``
     (default: classes in turn), context-conditioned runs ``contexts [n, C]`` or one ``[C]`` for
     all (rows of NaN: no context), both with an optional ``guidance`` scale. ``noise`` sets the
-    stochastic samplers (``euler_maruyama``, ``flow_map`` with ``gamma``), which draw from the
-    same generator as the source, after it (on another device, from a generator there seeded by
-    it; with ``placement.batch_size`` the chunks draw in turn). ``progress`` reports on stderr
+    stochastic samplers (``euler_maruyama``, ``flow_map`` with ``gamma``; unset, the objective's
+    ``jump_gamma``), which draw from the same generator as the source, after it (on another
+    device, from a generator there seeded by it; with ``placement.batch_size`` the chunks draw
+    in turn). ``progress`` reports on stderr
     with an ETA (``SamplingProgress``). ``placement``: the device and chunk size.
     """
-    noise = noise or SamplerNoise()
     placement = placement or Placement()
     method = method or default_method(run)
+    noise = sampler_noise(run, method, noise)
     generator = torch.Generator().manual_seed(seed)
     x0 = run.source(n, generator)
     model_kwargs: dict[str, Tensor] = {}
@@ -675,12 +686,13 @@ def evaluate_run(
     contexts) in the features of a shipped classifier, the user's LeNet file ``features`` or
     Inception-v3, and bits/dim (given the contexts). ``progress``: each sampling reports on
     stderr with an ETA, and each likelihood says when it starts. ``noise`` sets the
-    stochastic samplers; the report's ``sampler`` names the method with its noise.
+    stochastic samplers (as in :func:`generate`); the report's ``sampler`` names the method with
+    its noise.
     ``placement``: the device and chunk size of sampling and likelihoods.
     """
-    noise = noise or SamplerNoise()
     placement = placement or Placement()
     method = method or default_method(run)
+    noise = sampler_noise(run, method, noise)
     n = run.config.eval.samples if n is None else n
     requested: list[int | None] = [*steps] if steps else [None]
     for count in requested:

@@ -73,7 +73,9 @@ class ObjectiveEntry:
     such copy). ``time_derivative``: how its time derivatives are taken when
     ``objective.time_derivative`` is unset, in fp32 (:func:`time_derivative_of`).
     ``settings``: the keys of :data:`OPTIONAL_SETTINGS` it reads; the others must keep their
-    defaults in its config."""
+    defaults in its config. ``jump_gamma``: the re-noising of its flow-map jumps when the sampler
+    is not given one (``--gamma``; None: deterministic jumps); 1 for a map trained only to the
+    data end, whose jumps from ``s`` to ``t < 1`` are untrained."""
 
     description: str
     network: Literal["velocity", "flow_map"]
@@ -85,6 +87,7 @@ class ObjectiveEntry:
     target_ema: float | None = None
     time_derivative: TimeDerivative = "jvp"
     settings: frozenset[str] = frozenset()
+    jump_gamma: float | None = None
 
     @property
     def uses_coupling(self) -> bool:
@@ -296,6 +299,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         "flow_map",
         lambda parts: _consistency(parts, teacher=None),
         settings=_WEIGHTED,
+        jump_gamma=1.0,
     ),
     "lmd": ObjectiveEntry(
         "flow map distilled from a teacher velocity, Lagrangian (Boffi et al. 2024)",
@@ -320,6 +324,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
         "flow_map",
         lambda parts: _consistency(parts, teacher=parts.teacher),
         **_DISTILLED,
+        jump_gamma=1.0,
     ),
     "reflow": ObjectiveEntry(
         "flow matching on a teacher's (noise, sample) pairs (Liu et al. 2022)",
