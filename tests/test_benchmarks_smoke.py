@@ -188,6 +188,12 @@ def test_few_step_table_and_ot_quality_run_end_to_end(tmp_path):
     _script("few_step_table.py", *args, "--out", str(out), tmp_path=tmp_path)
     rows = json.loads(out.read_text())["checkerboard"][0]
     assert set(rows) == {f"{spec}, equal steps (6)"}
+    out = tmp_path / "distilled.json"
+    args = ["--presets", "checkerboard", "--steps", "6", "--objectives", "scd", "--no-baselines"]
+    args += ["--teacher-overrides", "model.time_scale=1", "--out", str(out)]
+    _script("few_step_table.py", *args, tmp_path=tmp_path)
+    rows = json.loads(out.read_text())["checkerboard"][0]
+    assert set(rows) == {"scd, teacher 3 + 3, teacher model.time_scale=1"}
     args = ["--steps", "6", "--seeds", "0", "--presets", "checkerboard", "--block-sizes", "64"]
     quality = _script("ot_quality.py", *args, "--variants", "sorted block 64", tmp_path=tmp_path)
     assert "sorted block 64:" in quality

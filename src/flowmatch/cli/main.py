@@ -70,7 +70,8 @@ def _add_noise_options(parser: argparse.ArgumentParser) -> None:
         "--gamma",
         type=float,
         metavar="G",
-        help="flow_map: re-noise between the jumps, G in [0, 1] (0: deterministic jumps)",
+        help="flow_map: re-noise between the jumps, G in [0, 1] (0: deterministic jumps, the "
+        "default; 1 for consistency models, objective=sct or scd)",
     )
 
 
