@@ -194,8 +194,8 @@ def generate(
     stochastic samplers (``euler_maruyama``, ``flow_map`` with ``gamma``; unset, the objective's
     ``jump_gamma``), which draw from the same generator as the source, after it (on another
     device, from a generator there seeded by it; with ``placement.batch_size`` the chunks draw
-    in turn). ``progress`` reports on stderr
-    with an ETA (``SamplingProgress``). ``placement``: the device and chunk size.
+    in turn). ``progress`` reports on stderr with an ETA (``SamplingProgress``). ``placement``:
+    the device and chunk size.
     """
     placement = placement or Placement()
     method = method or default_method(run)
@@ -687,8 +687,7 @@ def evaluate_run(
     Inception-v3, and bits/dim (given the contexts). ``progress``: each sampling reports on
     stderr with an ETA, and each likelihood says when it starts. ``noise`` sets the
     stochastic samplers (as in :func:`generate`); the report's ``sampler`` names the method with
-    its noise.
-    ``placement``: the device and chunk size of sampling and likelihoods.
+    its noise. ``placement``: the device and chunk size of sampling and likelihoods.
     """
     placement = placement or Placement()
     method = method or default_method(run)
