@@ -41,8 +41,15 @@ NETS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[in
 # the JVP objectives with their time derivative by finite differences (``NAME:fd``), and
 # MeanFlow with its stop-gradient tangent computed without a graph (``meanflow:graphfree``).
 OBJECTIVES = tuple(n for n, e in REGISTRY.items() if not e.trains_on_teacher_pairs)
-OBJECTIVES += ("lsd:fd", "esd:fd", "meanflow:fd", "lmd:fd", "sct:fd", "scd:fd")
-OBJECTIVES += ("meanflow:graphfree",)
+OBJECTIVES += (
+    "lsd:fd",
+    "esd:fd",
+    "meanflow:fd",
+    "lmd:fd",
+    "sct:fd",
+    "scd:fd",
+    "meanflow:graphfree",
+)
 
 
 def make_step(net_name: str, objective: str, seed: int = 0) -> Callable[[], Tensor]:

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 import flowmatch
-from flowmatch.app.config import read_config_file
+from flowmatch.app.config import read_config_file, with_overrides
 from flowmatch.app.objectives import OBJECTIVES, OPTIONAL_SETTINGS
 from flowmatch.app.presets import PRESETS, preset_config
 from flowmatch.cli.main import main
@@ -136,7 +136,7 @@ def test_every_objective_is_one_registry_entry_the_cli_reads(capsys):
         assert entry.network in ("velocity", "flow_map") and entry.description
         if not entry.teacher:  # every objective without a teacher builds from a preset
             base = preset_config("checkerboard-flowmap" if entry.is_flow_map else "checkerboard")
-            config = flowmatch.app.config.with_overrides(base, [f"objective={name}"])
+            config = with_overrides(base, [f"objective={name}"])
             from flowmatch.app.build import build_objective
 
             objective = build_objective(config)
@@ -189,8 +189,8 @@ def test_an_objective_reads_the_settings_its_entry_names_and_refuses_the_others(
             continue
         # a distillation's teacher folder is not opened here: its velocity is passed
         named = [f"objective={name}"] + ([f"objective.teacher={tmp_path}"] if entry.teacher else [])
-        plain = flowmatch.app.config.with_overrides(preset_config(preset), named)
-        changed = flowmatch.app.config.with_overrides(plain, [f"objective.{key}={CHANGED[key]}"])
+        plain = with_overrides(preset_config(preset), named)
+        changed = with_overrides(plain, [f"objective.{key}={CHANGED[key]}"])
         assert _loss_and_state(changed, teacher) != _loss_and_state(plain, teacher), name
 
 
