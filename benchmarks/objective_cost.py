@@ -39,16 +39,18 @@ NETS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], tuple[in
 }
 # Every registered objective that trains on the run's data (reflow trains on a teacher's pairs),
 # the JVP objectives with their time derivative by finite differences (``NAME:fd``), and
-# MeanFlow with its stop-gradient tangent computed without a graph (``meanflow:graphfree``).
+# MeanFlow and iMF with their stop-gradient tangent computed without a graph (``:graphfree``).
 OBJECTIVES = tuple(n for n, e in REGISTRY.items() if not e.trains_on_teacher_pairs)
 OBJECTIVES += (
     "lsd:fd",
     "esd:fd",
     "meanflow:fd",
+    "imf:fd",
     "lmd:fd",
     "sct:fd",
     "scd:fd",
     "meanflow:graphfree",
+    "imf:graphfree",
 )
 
 

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from flowmatch.losses.few_step import improved_meanflow_loss
 from flowmatch.losses.flow_maps import (
     LearnedLossWeight,
     diagonal_flow_matching_loss,
@@ -400,6 +401,8 @@ OPTIONS = {
     "esd-fd": (eulerian_self_distillation_loss, {"method": "finite_difference"}),
     "meanflow-fd": (meanflow_loss, {"method": "finite_difference"}),
     "meanflow-graph-free": (meanflow_loss, {"tangent_graph": False}),
+    "imf-fd": (improved_meanflow_loss, {"method": "finite_difference"}),
+    "imf-graph-free": (improved_meanflow_loss, {"tangent_graph": False}),
 }
 
 
@@ -407,7 +410,7 @@ OPTIONS = {
 def test_every_time_derivative_option_gives_the_jvp_losses_and_gradients(float64, name):
     kernel, option = OPTIONS[name]
     x, s, t, v = _times(5)
-    extra = (v,) if kernel is meanflow_loss else ()
+    extra = (v,) if kernel in (meanflow_loss, improved_meanflow_loss) else ()
     results = []
     for kwargs in ({}, option):
         net = _tiny_flow_map()

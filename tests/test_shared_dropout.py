@@ -10,6 +10,7 @@ from torch import nn
 from flowmatch.losses import (
     ContinuousConsistencyObjective,
     FusedLSDObjective,
+    ImprovedMeanFlowObjective,
     MeanFlowObjective,
     SelfDistillationObjective,
     SharedRandomness,
@@ -198,6 +199,8 @@ KERNELS = {
     "shortcut": (_shortcut, {}),
     "alpha-flow": (alpha_flow_loss, {"alpha": 0.5}),
     "imf": (improved_meanflow_loss, {}),
+    "imf-fd": (improved_meanflow_loss, FD),
+    "imf-graph-free": (improved_meanflow_loss, {"tangent_graph": False}),
     "scm": (continuous_consistency_loss, {}),
     "scm-fd": (continuous_consistency_loss, FD),
     "tvm": (_tvm, {}),
@@ -241,6 +244,7 @@ OBJECTIVES = {
     "meanflow-graph-free": lambda method: MeanFlowObjective(
         PATH, time_derivative=method, tangent_graph=False
     ),
+    "imf": lambda method: ImprovedMeanFlowObjective(PATH, time_derivative=method),
     "tvm": lambda method: TerminalVelocityObjective(PATH, time_derivative=method),
     "scm": lambda method: ContinuousConsistencyObjective(
         PATH, warmup_steps=10, time_derivative=method
@@ -281,16 +285,20 @@ def test_fused_lsd_refuses_a_network_that_draws_and_is_lsd_on_one_that_does_not(
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-9, atol=1e-14)
 
 
-def test_meanflow_objective_computes_the_time_derivative_it_is_given():
+@pytest.mark.parametrize("kind", [MeanFlowObjective, ImprovedMeanFlowObjective])
+def test_meanflow_objectives_compute_the_time_derivative_they_are_given(kind):
     x1 = torch.randn(8, 2, generator=torch.Generator().manual_seed(9))
     calls = {}
     for method, graph in (("jvp", True), ("finite_difference", True), ("jvp", False)):
         net = _net(p=0.0)
-        objective = MeanFlowObjective(PATH, time_derivative=method, tangent_graph=graph)
+        objective = kind(PATH, time_derivative=method, tangent_graph=graph)
         objective(net, {"x1": x1}, 0, torch.Generator().manual_seed(0))
         calls[method, graph] = len(net.backbone.call_states)
-    # One diagonal call, then the JVP (1), central differences (3) or a JVP and a value (2).
-    assert calls == {("jvp", True): 2, ("finite_difference", True): 4, ("jvp", False): 3}
+    # The diagonal rows' call (and iMF's tangent, the diagonal at the off-diagonal rows), then
+    # the JVP (1), central differences (3) or a JVP and a value (2).
+    first = 1 if kind is MeanFlowObjective else 2
+    expected = {("jvp", True): 1, ("finite_difference", True): 3, ("jvp", False): 2}
+    assert calls == {key: first + n for key, n in expected.items()}
 
 
 class _ShiftedGaussian:

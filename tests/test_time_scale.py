@@ -132,3 +132,11 @@ def test_the_power_one_weight_regresses_the_geometric_median_not_the_mean():
         found[power] = float(c.detach())
     assert abs(found[0.0] - 1.0) < 0.05
     assert abs(found[1.0]) < 0.1
+
+
+@pytest.mark.parametrize("name", ["meanflow", "imf", "tvm", "sct"])
+def test_objectives_with_a_time_derivative_take_the_configured_one(name):
+    config = preset_config("checkerboard-flowmap")
+    for method in ("jvp", "finite_difference"):
+        objective = replace(config.objective, name=name, time_derivative=method)
+        assert build_objective(replace(config, objective=objective)).time_derivative == method

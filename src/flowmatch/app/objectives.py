@@ -253,7 +253,11 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "imf": ObjectiveEntry(
         "flow map by improved MeanFlow, the loss on v through u (arXiv 2512.02012)",
         "flow_map",
-        lambda parts: ImprovedMeanFlowObjective(parts.path, power=_power(parts)),
+        lambda parts: ImprovedMeanFlowObjective(
+            parts.path,
+            power=_power(parts),
+            time_derivative=time_derivative_of(parts.config),
+        ),
         settings=_POWERED,
     ),
     "alpha-flow": ObjectiveEntry(

@@ -98,6 +98,8 @@ def improved_meanflow_loss(
     power: float = 1.0,
     eps: float = 1e-2,
     model_kwargs: dict[str, Any] | None = None,
+    method: TimeDerivative = "jvp",
+    tangent_graph: bool = True,
 ) -> Tensor:
     """Improved MeanFlow's v-loss through the average velocity (Geng, Lu et al. 2025, iMF).
 
@@ -113,7 +115,9 @@ def improved_meanflow_loss(
     w(|v_{s,s} - velocity|^2) |v_{s,s} - velocity|^2`` with ``w = adaptive_weight(., power,
     eps)`` (iMF's defaults ``p = 1``, ``eps = 0.01``); the second term is iMF's auxiliary
     v-head loss, here the flow map's diagonal, which also supplies the tangent. ``velocity =
-    dI_s/ds: [B, ...]``; squares are averaged over dimensions (the paper sums). One JVP.
+    dI_s/ds: [B, ...]``; squares are averaged over dimensions (the paper sums). ``method``
+    computes the time derivative (one JVP, or central differences); it is under ``sg``, so with
+    ``tangent_graph=False`` it is computed without an autograd graph.
     """
     kw = model_kwargs or {}
     with SharedRandomness(x_s.device) as shared:
@@ -127,6 +131,8 @@ def improved_meanflow_loss(
             dx=diagonal.detach(),
             ds=torch.ones_like(s),
             model_kwargs=kw,
+            method=method,
+            tangent_graph=tangent_graph,
         )
     compound = mean_flow.value - broadcast_time(t - s, x_s) * mean_flow.derivative.detach()
     u_error = _mean_square(compound - velocity)
@@ -373,7 +379,8 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
     ``dI_t/dt`` with the same adaptive weight (iMF's ``r = t`` samples; their u- and v-losses
     coincide there and are counted once). Pairs default to
     :class:`~flowmatch.paths.time_pairs.LogitNormalTimePairs` with iMF's ``lognorm(-0.4, 1)``
-    (``mean = 0.4`` here) and half the batch on the diagonal. Guidance as a network input (iMF's
+    (``mean = 0.4`` here) and half the batch on the diagonal; ``time_derivative`` and
+    ``tangent_graph`` as in :func:`improved_meanflow_loss`. Guidance as a network input (iMF's
     CFG scale and interval conditioning) needs a backbone input this library's networks lack and
     is left out. No state.
     """
@@ -384,6 +391,8 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
         time_pairs: TimePairSampler | None = None,
         power: float = 1.0,
         eps: float = 1e-2,
+        time_derivative: TimeDerivative = "jvp",
+        tangent_graph: bool = True,
     ) -> None:
         time_pairs = time_pairs or LogitNormalTimePairs(
             diagonal_fraction=0.5, t_min=path.schedule.t_min, t_max=path.schedule.t_max
@@ -391,6 +400,8 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
         super().__init__(path, time_pairs, learned_weight=False)
         self.power = power
         self.eps = eps
+        self.time_derivative = time_derivative
+        self.tangent_graph = tangent_graph
 
     def forward(
         self,
@@ -415,6 +426,8 @@ class ImprovedMeanFlowObjective(_FlowMapObjective):
                 self.power,
                 self.eps,
                 _rows(kw, rows),
+                method=self.time_derivative,
+                tangent_graph=self.tangent_graph,
             )
 
         return _diagonal_then_off(pairs, diagonal, mean_flow)
